@@ -1,0 +1,325 @@
+"""Experiment configuration: frozen dataclasses, named presets, ``--set a.b=value`` overrides.
+
+A run is fully described by one :class:`Config`. Each ``experiments/<paper>.py`` declares its
+presets (at least ``smoke``: tiny, minutes on a laptop CPU; and ``paper``: the paper's own sizes,
+epochs, learning rates and batch sizes) as ``Config`` values, and the runner resolves
+``--preset NAME --set key=value ...`` into the config of the run, which it saves as
+``config.json`` in the run directory.
+
+Overrides are checked: the key must exist (the error lists the keys that do) and the value must
+parse as the field's type (``bool``: true/false/1/0/yes/no; ``int``; ``float``; ``str``;
+``Optional[...]``: ``none``/``null``; tuples: comma-separated). ``optimizers`` is a mapping from
+optimizer name (``model``, ``label``, ``generator``, ...) to :class:`OptimizerConfig`;
+``method`` holds the paper-specific hyper-parameters as the experiment's own frozen dataclass.
+
+Example::
+
+    >>> cfg = Config(method=None)
+    >>> cfg = apply_overrides(cfg, ["train.epochs=3", "data.image_size=64"])
+    >>> cfg.train.epochs, cfg.data.image_size
+    (3, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import types
+import typing
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistributeConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "resolve_preset",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A preset name, override key or override value that does not fit the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how examples become model inputs.
+
+    Attributes:
+        source: ``"synthetic"`` (procedural fundus images generated into the run directory and
+            converted by the real converters) or a directory holding one converted dataset per
+            sub-folder (``ROOT/idrid``, ``ROOT/ddr``, ...), as written by ``python -m data_prep``.
+        image_size: side of the square network input, in pixels.
+        normalization: a mode of ``drkeras.data.preprocess.normalize``.
+        fov_crop: crop to the field of view before resizing.
+        graham: apply Graham's local-average subtraction.
+        augment: paired image+mask augmentation on training batches.
+        batch_size: the GLOBAL batch size (split across replicas).
+        synthetic_size: resolution of generated synthetic photographs.
+        synthetic_scale: multiplies the default per-split image counts of synthetic layouts.
+        synthetic_label_noise: rate of grader label noise in synthetic grades.
+        max_examples: cap on examples per split read from records (0 = all); for quick runs.
+    """
+
+    source: str = "synthetic"
+    image_size: int = 64
+    normalization: str = "unit"
+    fov_crop: bool = True
+    graham: bool = False
+    augment: bool = True
+    batch_size: int = 4
+    synthetic_size: int = 128
+    synthetic_scale: float = 1.0
+    synthetic_label_noise: float = 0.0
+    max_examples: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Network choices shared by the papers' builders.
+
+    Attributes:
+        encoder_weights: ``None`` (random) or ``"imagenet"`` (downloads through
+            ``keras.applications``; needs a network).
+        width: filter multiplier of the builders (1.0 = the paper's widths).
+        num_grades: number of DR grades predicted.
+        dropout: dropout rate of grading heads.
+    """
+
+    encoder_weights: Optional[str] = None
+    width: float = 1.0
+    num_grades: int = 5
+    dropout: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """One optimizer and its learning-rate schedule.
+
+    Attributes:
+        name: ``adam``, ``sgd`` (``momentum``/``nesterov`` apply) or ``rmsprop``.
+        learning_rate: initial learning rate.
+        schedule: ``constant``, ``polynomial`` (to ``end_learning_rate`` over ``decay_steps``,
+            ``power``) or ``linear_to_zero`` (constant for ``hold_steps`` then linear to zero at
+            ``decay_steps``; the patch-GAN paper's schedule).
+        clipnorm: gradient-norm clipping (0 = off).
+    """
+
+    name: str = "adam"
+    learning_rate: float = 1e-4
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-7
+    momentum: float = 0.0
+    nesterov: bool = False
+    schedule: str = "constant"
+    decay_steps: int = 0
+    hold_steps: int = 0
+    end_learning_rate: float = 0.0
+    power: float = 1.0
+    clipnorm: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How long and how to train.
+
+    Attributes:
+        epochs: epochs of the main stage (experiments may scale it per stage; they document it).
+        steps_per_epoch: steps per epoch (0 = one pass over the training split).
+        runs: independent repetitions (seeds ``seed, seed+1, ...``) for mean ± std.
+        folds: cross-validation folds (1 = the official split).
+        mixed_precision: ``mixed_float16`` on GPUs, ``mixed_bfloat16`` on CPUs.
+        jit_compile: compile train steps with XLA.
+        deterministic: enable TensorFlow op determinism (reproducible, slower on GPU).
+        verbose: Keras progress output (1 = progress bar, 2 = one line per epoch, 0 = silent).
+    """
+
+    epochs: int = 1
+    steps_per_epoch: int = 0
+    runs: int = 1
+    folds: int = 1
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    deterministic: bool = True
+    verbose: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+    """Device placement.
+
+    Attributes:
+        strategy: ``auto`` (MirroredStrategy when more than one GPU is visible, else one device),
+            ``one_device``, ``mirrored`` or ``multi_worker`` (``TF_CONFIG`` describes the cluster).
+        cpu_replicas: on a machine without GPUs, split the CPU into this many logical devices so
+            ``mirrored`` has several replicas (for testing the distributed code paths).
+    """
+
+    strategy: str = "auto"
+    cpu_replicas: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole configuration of one run."""
+
+    method: Any
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optimizers: Mapping[str, OptimizerConfig] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({"model": OptimizerConfig()})
+    )
+    train: TrainConfig = TrainConfig()
+    distribute: DistributeConfig = DistributeConfig()
+    seed: int = 0
+
+    def __post_init__(self):
+        # A read-only view, so a frozen Config cannot be changed through its optimizers mapping.
+        object.__setattr__(self, "optimizers", types.MappingProxyType(dict(self.optimizers)))
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+_NONE = {"none", "null"}
+
+
+def _parse_value(text: str, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:
+        if type(None) in args and text.strip().lower() in _NONE:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner[0], key)
+    if origin in (tuple, Tuple) or annotation is tuple:
+        element = args[0] if args else str
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        return tuple(_parse_value(p, element, key) for p in parts)
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {text!r}")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if annotation is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    if annotation is str:
+        return text
+    if annotation is Any:
+        return json.loads(text) if text[:1] in "[{0123456789-" else text
+    raise ConfigError(f"{key}: cannot override a field of type {annotation!r}")
+
+
+def _field_types(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _keys_of(node: Any, prefix: str = "") -> list:
+    if dataclasses.is_dataclass(node):
+        out = []
+        for f in dataclasses.fields(node):
+            out += _keys_of(getattr(node, f.name), f"{prefix}{f.name}.") or [prefix + f.name]
+        return out
+    if isinstance(node, Mapping):
+        out = []
+        for name, value in node.items():
+            out += _keys_of(value, f"{prefix}{name}.") or [prefix + name]
+        return out
+    return []
+
+
+def _set(node: Any, path: Sequence[str], text: str, full_key: str, root: Any) -> Any:
+    head, rest = path[0], path[1:]
+    if isinstance(node, Mapping):
+        if head not in node:
+            raise ConfigError(_unknown(full_key, root))
+        value = node[head]
+        if not rest:
+            raise ConfigError(f"{full_key}: name a field of it, e.g. {full_key}.learning_rate")
+        updated = dict(node)
+        updated[head] = _set(value, rest, text, full_key, root)
+        return types.MappingProxyType(updated)
+    if not dataclasses.is_dataclass(node) or head not in {f.name for f in dataclasses.fields(node)}:
+        raise ConfigError(_unknown(full_key, root))
+    value = getattr(node, head)
+    if rest:
+        return dataclasses.replace(node, **{head: _set(value, rest, text, full_key, root)})
+    if dataclasses.is_dataclass(value) or isinstance(value, Mapping):
+        raise ConfigError(
+            f"{full_key} is a section; set one of its fields, e.g. {full_key}.<field>"
+        )
+    annotation = _field_types(type(node))[head]
+    return dataclasses.replace(node, **{head: _parse_value(text, annotation, full_key)})
+
+
+def _unknown(key: str, root: Any) -> str:
+    known = _keys_of(root)
+    section = key.split(".")[0]
+    near = [k for k in known if k.split(".")[0] == section] or known
+    return f"unknown config key {key!r}; keys are: {', '.join(near)}"
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Return ``config`` with ``key=value`` overrides applied, in order.
+
+    Args:
+        config: the starting configuration (usually a preset).
+        overrides: strings ``"section.field=value"``; nested keys use dots
+            (``optimizers.model.learning_rate=1e-4``, ``method.beta=0.9``).
+
+    Raises:
+        ConfigError: naming the key, when it does not exist or the value does not parse.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        path = [p for p in key.split(".") if p]
+        if not path:
+            raise ConfigError(f"override {item!r} has an empty key")
+        config = _set(config, path, text.strip(), key, config)
+    return config
+
+
+def resolve_preset(presets: Mapping[str, Config], name: str, overrides: Sequence[str] = ()):
+    """Look up preset ``name`` and apply ``overrides``; a clear error for an unknown preset."""
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; this experiment has: {', '.join(presets)}")
+    return apply_overrides(presets[name], overrides)
+
+
+def config_to_dict(config: Any) -> Any:
+    """A JSON-ready nested dict of ``config`` (dataclasses, mappings and tuples unfolded)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: config_to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, Mapping):
+        return {str(k): config_to_dict(v) for k, v in config.items()}
+    if isinstance(config, (tuple, list)):
+        return [config_to_dict(v) for v in config]
+    return config
+
+
+def save_config(config: Config, path) -> pathlib.Path:
+    """Write the resolved ``config`` as indented JSON to ``path`` and return the path."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config_to_dict(config), indent=2, sort_keys=False) + "\n")
+    return path
