@@ -284,7 +284,7 @@ class BilevelMultiTaskTrainer(keras.Model):
         if isinstance(model_optimizer, keras.mixed_precision.LossScaleOptimizer) or isinstance(
             label_optimizer, keras.mixed_precision.LossScaleOptimizer
         ):
-            raise NotImplementedError(
+            raise ValueError(
                 "BilevelMultiTaskTrainer does not scale losses for float16: train PLDMLT in "
                 "float32 or mixed_bfloat16 (train.mixed_precision on CPU/TPU)"
             )

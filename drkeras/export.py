@@ -1,0 +1,421 @@
+"""Export an inference network as a self-contained SavedModel (DESIGN.md section 3, "Export").
+
+:func:`export_model` wraps a functional Keras model in a ``tf.Module`` with two serving
+signatures that apply the SAME preprocessing as training (``drkeras.data.preprocess``):
+
+- ``serving_default(images)``: uint8 RGB images ``[B, H, W, 3]`` of any ``H, W`` (one size per
+  batch);
+- ``serve_bytes(encoded)``: encoded JPEG/PNG strings ``[B]`` (images of different sizes may be
+  mixed).
+
+Both return a dict of named float32 outputs (``grade_probs``, ``lesion_probs``, ... from
+``drkeras.keys``). Dense outputs (segmentation maps, attention maps) are returned at the
+MODEL's resolution (``image_size x image_size``, of the preprocessed, FOV-cropped image), not at
+the resolution of the input photograph: resize masks to that size (nearest neighbour) to compare.
+
+The SavedModel also holds ``drkeras_meta``, a JSON string with the preprocessing arguments,
+input size, output names/shapes and channel names, so ``python -m drkeras.evaluate`` and other
+readers need nothing but the folder. After every export a reload-and-compare check
+(:func:`verify_export`) runs; its report is logged, written to
+``<export>/assets.extra/export_check.json`` and a mismatch raises :class:`ExportMismatch`.
+
+Example::
+
+    path = export_model(model, run_dir / "export" / "mtunet", image_size=512,
+                        preprocess={"fov_crop": True, "graham": False, "normalization": "unit"},
+                        output_names=[keys.GRADE_PROBS, keys.SEG_PROBS])
+    exported = load_exported(path)
+    outputs = exported.predict(uint8_images)          # {"grade_probs": ..., "seg_probs": ...}
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import pathlib
+import shutil
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import cv2
+import numpy as np
+import tensorflow as tf
+
+from drkeras import keys
+
+__all__ = [
+    "ExportMismatch",
+    "ExportedModel",
+    "META_FORMAT",
+    "default_channels",
+    "export_model",
+    "load_exported",
+    "verify_export",
+]
+
+log = logging.getLogger("drkeras")
+
+META_FORMAT = "drkeras-export/1"
+CHECK_FILE = pathlib.Path("assets.extra") / "export_check.json"
+TOLERANCE = 1e-4
+
+# Channel specification: one (channel name, record lesion types) pair per output channel.
+# A channel made of several types is their union (MTUnet's "red" = MA + HE); no type = background.
+ChannelSpec = Sequence[Tuple[str, Sequence[str]]]
+
+
+class ExportMismatch(RuntimeError):
+    """The reloaded SavedModel does not reproduce the Keras model's outputs."""
+
+
+def _preprocess_module():
+    try:
+        from drkeras.data import preprocess
+    except ImportError as err:  # pragma: no cover - only before drkeras.data.preprocess exists
+        raise ImportError(
+            f"drkeras.export needs drkeras.data.preprocess (prepare_image/prepare_batch): {err}"
+        ) from err
+    return preprocess
+
+
+def default_channels(output_name: str, num_channels: int) -> Optional[list]:
+    """The channel spec assumed when the exporter is not told one.
+
+    ``lesion_probs`` with C channels: the first C record lesion types (``keys.LESIONS``), one
+    each. Other outputs: ``None`` (not comparable with the record masks without a spec).
+    """
+    if output_name == keys.LESION_PROBS and num_channels <= keys.NUM_LESIONS:
+        return [[name, [name]] for name in keys.LESIONS[:num_channels]]
+    return None
+
+
+def _select_outputs(available: Sequence[str], output_names) -> Dict[str, str]:
+    """``{serving name: model output name}`` from a list of names or an explicit mapping."""
+    available = list(available)
+    if output_names is None:
+        mapping = {n: n for n in available}
+    elif isinstance(output_names, Mapping):
+        mapping = {str(k): str(v) for k, v in output_names.items()}
+    else:
+        mapping = {str(n): str(n) for n in output_names}
+    unknown = [v for v in mapping.values() if v not in available]
+    if unknown or not mapping:
+        raise ValueError(
+            f"export_model: output(s) {unknown or '(none)'} not among the model's outputs "
+            f"{available}; pass names from that list, or a mapping "
+            "{serving_name: model_output_name}"
+        )
+    return mapping
+
+
+def _model_outputs(model: tf.keras.Model, x) -> Dict[str, tf.Tensor]:
+    out = model(x, training=False)
+    if isinstance(out, Mapping):
+        return dict(out)
+    if not isinstance(out, (list, tuple)):
+        out = [out]
+    return dict(zip(model.output_names, out))
+
+
+class _ServingModule(tf.Module):
+    """The exported object: the Keras model, its metadata and the two serving functions."""
+
+    def __init__(self, model, image_size: int, preprocess: dict, mapping: dict, meta_json: str):
+        super().__init__(name="drkeras_export")
+        self.model = model
+        self.drkeras_meta = tf.Variable(meta_json, trainable=False, name="drkeras_meta")
+        prep = _preprocess_module()
+        size = int(image_size)
+        kwargs = dict(preprocess)
+        names = dict(mapping)
+
+        def run(x):
+            outputs = _model_outputs(model, x)
+            return {k: tf.cast(outputs[v], tf.float32) for k, v in names.items()}
+
+        def serve(images):
+            return run(prep.prepare_batch(images, size=size, **kwargs))
+
+        def decode_one(encoded):
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+            image = tf.ensure_shape(image, [None, None, 3])
+            return prep.prepare_image(image, size=size, **kwargs)
+
+        def serve_bytes(encoded):
+            x = tf.map_fn(
+                decode_one,
+                encoded,
+                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+            )
+            return run(x)
+
+        self.serve = tf.function(
+            serve,
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")],
+        )
+        self.serve_bytes = tf.function(
+            serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")]
+        )
+
+
+def _demo_sample(image_size: int) -> np.ndarray:
+    """Two synthetic fundus photographs (same camera and size) for the post-export check."""
+    from drkeras.data import synthetic
+
+    size = max(int(image_size), 32) + 5  # not the model size: the resize path is exercised
+    first = synthetic.generate(0, size=size)
+    second = synthetic.generate(1, size=size, camera=first.camera)
+    return np.stack([first.image, second.image])
+
+
+def export_model(
+    model: tf.keras.Model,
+    out_dir,
+    *,
+    image_size: int,
+    preprocess: Mapping,
+    output_names: Union[None, Sequence[str], Mapping[str, str]],
+    channels: Optional[Mapping[str, ChannelSpec]] = None,
+    sample: Optional[np.ndarray] = None,
+    tolerance: float = TOLERANCE,
+) -> pathlib.Path:
+    """Export ``model`` as a SavedModel at ``out_dir``, then reload it and compare outputs.
+
+    Args:
+        model: a functional Keras model from preprocessed images ``[B, S, S, 3]`` to named
+            outputs (a dict or ``model.output_names``).
+        out_dir: the SavedModel folder to write (replaced if it exists; written to a temporary
+            folder first, so a failed export leaves no half-written model).
+        image_size: ``S``, the model's input side; ``prepare_image(size=S)`` is applied.
+        preprocess: keyword arguments of ``drkeras.data.preprocess.prepare_image`` other than
+            ``size`` (``fov_crop``, ``graham``, ``normalization``), exactly as in training.
+        output_names: the outputs to serve: a list of model output names (served under the
+            same names), a mapping ``{serving_name: model_output_name}``, or ``None`` for all.
+        channels: optional channel specs per served output, ``[(name, record lesion types),
+            ...]`` (e.g. MTUnet's ``CLASS_SETS["red_yellow_od"]``), saved in the metadata so
+            evaluation can compare channels with the record masks; ``lesion_probs`` defaults to
+            the record order ``keys.LESIONS``.
+        sample: uint8 images ``[B, H, W, 3]`` for the reload check (default: two synthetic
+            fundus photographs).
+        tolerance: largest accepted absolute difference in the check.
+
+    Returns:
+        The SavedModel path.
+
+    Raises:
+        ExportMismatch: when the reloaded model differs from ``model`` by more than
+            ``tolerance`` on ``sample``.
+
+    Example::
+
+        export_model(model, "runs/x/export/pldmlt", image_size=64,
+                     preprocess={"fov_crop": True, "graham": False, "normalization": "unit"},
+                     output_names=["grade_probs", "lesion_probs"])
+    """
+    out = pathlib.Path(out_dir)
+    preprocess = dict(preprocess)
+    if "size" in preprocess:
+        raise ValueError("export_model: pass the input size as image_size, not preprocess['size']")
+    accepted = set(inspect.signature(_preprocess_module().prepare_image).parameters) - {
+        "image_uint8",
+        "size",
+    }
+    unknown = sorted(set(preprocess) - accepted)
+    if unknown:
+        raise ValueError(
+            f"export_model: preprocess has unknown argument(s) {unknown}; "
+            f"drkeras.data.preprocess.prepare_image accepts {sorted(accepted)}"
+        )
+    # The names a call returns (dict keys, else model.output_names) are what can be served.
+    probe = _model_outputs(model, tf.zeros([1, int(image_size), int(image_size), 3]))
+    mapping = _select_outputs(probe, output_names)
+    outputs_meta = {}
+    for serving, name in mapping.items():
+        shape = [None] + [int(d) for d in probe[name].shape[1:]]
+        spec = (channels or {}).get(serving)
+        if spec is None and len(shape) > 2:
+            spec = default_channels(serving, shape[-1])
+        if spec is not None:
+            spec = [[str(c), [str(t) for t in sources]] for c, sources in spec]
+            if len(spec) != shape[-1]:
+                raise ValueError(
+                    f"export_model: channels[{serving!r}] names {len(spec)} channels but the "
+                    f"output has {shape[-1]}"
+                )
+            bad = [t for _, sources in spec for t in sources if t not in keys.LESIONS]
+            if bad:
+                raise ValueError(
+                    f"export_model: channels[{serving!r}] uses {bad}, not record lesion types "
+                    f"{keys.LESIONS}"
+                )
+        outputs_meta[serving] = {"model_output": name, "shape": shape, "channels": spec}
+    meta = {
+        "format": META_FORMAT,
+        "model_name": model.name,
+        "image_size": int(image_size),
+        "preprocess": preprocess,
+        "output_names": list(mapping),
+        "outputs": outputs_meta,
+        "signatures": {
+            "serving_default": "images: uint8 [B, H, W, 3] RGB",
+            "serve_bytes": "encoded: string [B] JPEG/PNG",
+        },
+        "dense_outputs_at": "model resolution (image_size x image_size after preprocessing)",
+    }
+    module = _ServingModule(model, int(image_size), preprocess, mapping, json.dumps(meta))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(
+        module,
+        str(tmp),
+        signatures={
+            "serving_default": module.serve.get_concrete_function(),
+            "serve_bytes": module.serve_bytes.get_concrete_function(),
+        },
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    if sample is None:
+        sample = _demo_sample(int(image_size))
+    report = verify_export(model, out, sample, tolerance=tolerance)
+    (out / CHECK_FILE).parent.mkdir(exist_ok=True)
+    (out / CHECK_FILE).write_text(json.dumps(report, indent=2))
+    log.info(
+        "exported %s to %s; reload check max |diff| = %.3g (images), %.3g (bytes)",
+        model.name,
+        out,
+        report["max_abs_diff"],
+        report["max_abs_diff_bytes"],
+    )
+    if not report["ok"]:
+        raise ExportMismatch(
+            f"reloaded SavedModel {out} differs from the Keras model by "
+            f"{max(report['max_abs_diff'], report['max_abs_diff_bytes']):.3g} > {tolerance}: "
+            f"{report['per_output']}"
+        )
+    return out
+
+
+def _encode_png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise ValueError(f"could not PNG-encode an image of shape {image.shape}")
+    return buf.tobytes()
+
+
+def verify_export(model: tf.keras.Model, path, sample, *, tolerance: float = TOLERANCE) -> Dict:
+    """Reload the SavedModel at ``path`` and compare it with ``model`` on ``sample``.
+
+    The reference is ``model(prepare_batch(sample, **meta preprocess))`` computed here in
+    Python; the exported model is called through both signatures (``serve_bytes`` on lossless
+    PNG encodings of ``sample``, so the inputs are identical).
+
+    Args:
+        model: the Keras model that was exported.
+        path: the SavedModel folder.
+        sample: uint8 images ``[B, H, W, 3]``.
+        tolerance: largest accepted absolute difference.
+
+    Returns:
+        ``{"ok", "tolerance", "max_abs_diff", "max_abs_diff_bytes", "per_output": {name:
+        [images diff, bytes diff]}, "sample_shape"}``.
+    """
+    sample = _check_images(sample, "verify_export sample")
+    exported = load_exported(path)
+    meta = exported.meta
+    prep = _preprocess_module()
+    x = prep.prepare_batch(tf.constant(sample), size=meta["image_size"], **meta["preprocess"])
+    reference = _model_outputs(model, x)
+    from_images = exported.predict(sample)
+    from_bytes = exported.predict_bytes([_encode_png(img) for img in sample])
+    per_output = {}
+    for serving, info in meta["outputs"].items():
+        ref = np.asarray(reference[info["model_output"]], np.float32)
+        per_output[serving] = [
+            float(np.max(np.abs(from_images[serving] - ref))),
+            float(np.max(np.abs(from_bytes[serving] - ref))),
+        ]
+    worst_images = max(v[0] for v in per_output.values())
+    worst_bytes = max(v[1] for v in per_output.values())
+    return {
+        "ok": bool(worst_images < tolerance and worst_bytes < tolerance),
+        "tolerance": tolerance,
+        "max_abs_diff": worst_images,
+        "max_abs_diff_bytes": worst_bytes,
+        "per_output": per_output,
+        "sample_shape": list(sample.shape),
+    }
+
+
+def _check_images(images, what: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(
+            f"{what}: expected uint8 RGB images of shape [batch, height, width, 3], got dtype "
+            f"{images.dtype} and shape {list(images.shape)}"
+        )
+    return images
+
+
+class ExportedModel:
+    """A loaded drkeras SavedModel: metadata plus checked calls of its two signatures.
+
+    Attributes:
+        path: the SavedModel folder.
+        meta: the decoded ``drkeras_meta`` (see :func:`export_model`).
+        module: the object returned by ``tf.saved_model.load``.
+        signatures: its ``serving_default`` and ``serve_bytes`` concrete functions.
+
+    Example::
+
+        >>> exported = load_exported("runs/pldmlt_smoke/export/pldmlt")   # doctest: +SKIP
+        >>> exported.predict(np.zeros((1, 300, 400, 3), np.uint8))["grade_probs"].shape
+        (1, 5)
+    """
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        if not (self.path / "saved_model.pb").is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a SavedModel folder (no saved_model.pb); pass the folder "
+                "written by drkeras.export.export_model"
+            )
+        self.module = tf.saved_model.load(str(self.path))
+        if not hasattr(self.module, "drkeras_meta"):
+            raise ValueError(
+                f"{self.path} is a SavedModel but not a drkeras export (no drkeras_meta); "
+                "export it with drkeras.export.export_model"
+            )
+        self.meta = json.loads(self.module.drkeras_meta.numpy().decode("utf-8"))
+        self.signatures = self.module.signatures
+
+    @property
+    def output_names(self) -> list:
+        return list(self.meta["output_names"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    def predict(self, images) -> Dict[str, np.ndarray]:
+        """Run ``serving_default`` on uint8 RGB images ``[B, H, W, 3]``; numpy outputs."""
+        images = _check_images(images, f"{self.path}: predict")
+        out = self.signatures["serving_default"](images=tf.constant(images))
+        return {k: v.numpy() for k, v in out.items()}
+
+    def predict_bytes(self, encoded: Sequence[bytes]) -> Dict[str, np.ndarray]:
+        """Run ``serve_bytes`` on encoded JPEG/PNG images (a list of ``bytes``)."""
+        encoded = list(encoded)
+        if not encoded or not all(isinstance(e, (bytes, bytearray)) for e in encoded):
+            raise ValueError(f"{self.path}: predict_bytes expects a non-empty list of bytes")
+        out = self.signatures["serve_bytes"](encoded=tf.constant(encoded, tf.string))
+        return {k: v.numpy() for k, v in out.items()}
+
+    __call__ = predict
+
+
+def load_exported(path) -> ExportedModel:
+    """Load a SavedModel written by :func:`export_model` (metadata decoded, calls checked)."""
+    return ExportedModel(path)
