@@ -1,0 +1,1 @@
+"""Data: the record schema, tf.data pipelines, preprocessing, augmentation and synthetic data."""
