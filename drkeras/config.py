@@ -140,6 +140,8 @@ class TrainConfig:
         jit_compile: compile train steps with XLA.
         deterministic: enable TensorFlow op determinism (reproducible, slower on GPU).
         verbose: Keras progress output (1 = progress bar, 2 = one line per epoch, 0 = silent).
+        checkpoint_steps: save a resumable checkpoint every this many steps of a stage, besides
+            every epoch end (0 = epoch ends only); see ``RunContext.fit``.
     """
 
     epochs: int = 1
@@ -150,6 +152,7 @@ class TrainConfig:
     jit_compile: bool = False
     deterministic: bool = True
     verbose: int = 1
+    checkpoint_steps: int = 500
 
 
 @dataclasses.dataclass(frozen=True)

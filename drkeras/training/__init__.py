@@ -12,4 +12,5 @@ Modules:
     distribute: device strategies, mixed precision, determinism.
     optim: optimizers and learning-rate schedules from the config.
     callbacks: history CSV shared by training stages, NaN guard.
+    checkpoint: resumable stages (models, every optimizer, metrics, random and data position).
 """

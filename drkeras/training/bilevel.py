@@ -31,6 +31,7 @@ from tensorflow import keras
 
 from drkeras import keys, losses
 from drkeras.models.pldmlt import CORRECTED_GRADE, GRADE_MASK, PSEUDO_GRADE
+from drkeras.training import distribute
 
 __all__ = ["BilevelMultiTaskTrainer", "stateless_call", "substituted_weights"]
 
@@ -262,6 +263,11 @@ class BilevelMultiTaskTrainer(keras.Model):
         Args:
             model_optimizer: updates ``theta`` (the multi-task network); Adam 5e-5 in the paper.
             label_optimizer: updates ``psi`` (the label update network).
+                Under a ``mixed_float16`` multi-task network both are wrapped in a
+                ``LossScaleOptimizer`` (kept when already wrapped): the training and meta losses
+                are scaled before differentiation and the gradients unscaled, the virtual step
+                uses the unscaled gradient, and a step with overflowing gradients is skipped by
+                the optimizer whose gradients overflowed.
             seg_loss, grade_loss: per-example losses ``(y_true, y_pred) -> [B]``; default the
                 categorical focal loss with ``alpha=0.25, gamma=2`` (Eq. 2, section 3.2).
             beta: weight of the grading loss in ``L = L_S + beta L_C`` (Eq. 3; 0.8 on IDRiD,
@@ -281,13 +287,10 @@ class BilevelMultiTaskTrainer(keras.Model):
                     f"BilevelMultiTaskTrainer.compile() takes model_optimizer=, label_optimizer=, "
                     f"seg_loss=, grade_loss= and beta=; {ambiguous}= is ambiguous here"
                 )
-        if isinstance(model_optimizer, keras.mixed_precision.LossScaleOptimizer) or isinstance(
-            label_optimizer, keras.mixed_precision.LossScaleOptimizer
-        ):
-            raise ValueError(
-                "BilevelMultiTaskTrainer does not scale losses for float16: train PLDMLT in "
-                "float32 or mixed_bfloat16 (train.mixed_precision on CPU/TPU)"
-            )
+        # float16 gradients underflow without loss scaling (as Keras' own compile() does).
+        policy = self.multitask.dtype_policy
+        model_optimizer = distribute.loss_scale_optimizer(model_optimizer, policy)
+        label_optimizer = distribute.loss_scale_optimizer(label_optimizer, policy)
         # The model optimizer doubles as Keras' `optimizer`, so learning-rate callbacks act on it.
         super().compile(optimizer=model_optimizer, **kwargs)
         focal = functools.partial(losses.categorical_focal_loss, alpha=0.25, gamma=2.0)
@@ -376,9 +379,12 @@ class BilevelMultiTaskTrainer(keras.Model):
                 inner = tf.nn.compute_average_loss(
                     total, global_batch_size=global_batch, sample_weight=sample_weight
                 )
+                inner = distribute.scale_loss(self.model_optimizer, inner)
             grads = inner_tape.gradient(
                 inner, theta, unconnected_gradients=tf.UnconnectedGradients.ZERO
             )
+            # Unscaled inside the meta tape: theta* depends on the true gradient g.
+            grads = distribute.unscale_gradients(self.model_optimizer, grads)
             step = grads
             if replicas > 1:
                 # The step on the global batch; differentiable (its gradient is an all-reduce).
@@ -394,9 +400,11 @@ class BilevelMultiTaskTrainer(keras.Model):
             meta_scaled = tf.nn.compute_average_loss(
                 meta, global_batch_size=global_batch, sample_weight=sample_weight
             )
+            meta_for_grad = distribute.scale_loss(self.label_optimizer, meta_scaled)
         label_grads = meta_tape.gradient(
-            meta_scaled, psi, unconnected_gradients=tf.UnconnectedGradients.ZERO
+            meta_for_grad, psi, unconnected_gradients=tf.UnconnectedGradients.ZERO
         )
+        label_grads = distribute.unscale_gradients(self.label_optimizer, label_grads)
         return {
             "model_grads": [tf.stop_gradient(g) for g in grads],
             "label_grads": label_grads,

@@ -19,6 +19,7 @@ class HistoryCSV(tf.keras.callbacks.Callback):
     Columns are ``stage``, ``epoch`` and the union of the log keys seen so far; the file is
     rewritten when a stage brings new keys, so earlier rows keep their values and gain empty
     cells. Unlike ``CSVLogger``, several stages (pretraining, multi-task, baselines) share one file.
+    An epoch logged again (a resumed run repeating the epoch it was killed in) replaces its row.
     """
 
     def __init__(self, path, stage: str):
@@ -37,6 +38,7 @@ class HistoryCSV(tf.keras.callbacks.Callback):
         row = {"stage": self.stage, "epoch": epoch + 1}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         columns, rows = self._read()
+        rows = [r for r in rows if (r.get("stage"), r.get("epoch")) != (self.stage, str(epoch + 1))]
         for key in row:
             if key not in columns:
                 columns.append(key)
