@@ -82,10 +82,14 @@ IMAGE_LABEL = "image_label"
 PathLike = Union[str, os.PathLike]
 AUTOTUNE = tf.data.AUTOTUNE
 
-# The label fields of the record schema, parsed without touching the encoded image.
-_LIGHT_FEATURES = {
-    name: records._FEATURES[name] for name in (keys.ID, keys.GRADE, keys.DME, keys.MASK_PRESENT)
-}
+# JPEGs are decoded already scaled down (libjpeg's DCT scaling) while their short side stays at
+# least this many times the training size: a fundus field of view spans >= ~0.9 of the short
+# side, so it is still shrunk (area-averaged), never enlarged, to the training size.
+_DECODE_MARGIN = 1.25
+
+
+def _decode_min_side(size: int) -> int:
+    return int(round(_DECODE_MARGIN * size))
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,13 +97,8 @@ _LIGHT_FEATURES = {
 
 
 def _parse_light(serialized: tf.Tensor) -> dict:
-    parsed = tf.io.parse_single_example(serialized, _LIGHT_FEATURES)
-    return {
-        keys.ID: parsed[keys.ID],
-        keys.GRADE: tf.cast(parsed[keys.GRADE], tf.int32),
-        keys.DME: tf.cast(parsed[keys.DME], tf.int32),
-        keys.MASK_PRESENT: tf.cast(parsed[keys.MASK_PRESENT], tf.bool),
-    }
+    labels = records.parse_labels(serialized)
+    return {name: labels[name] for name in (keys.ID, keys.GRADE, keys.DME, keys.MASK_PRESENT)}
 
 
 def read_labels(records_dir: PathLike, split: str) -> Dict[str, np.ndarray]:
@@ -305,22 +304,12 @@ def _records(
     return ds
 
 
-_IMAGE_FEATURES = {
-    name: records._FEATURES[name] for name in (keys.ID, keys.IMAGE, keys.GRADE, keys.DME)
-}
-
-
-def _parse_without_masks(serialized: tf.Tensor) -> dict:
-    """The image and labels of a record; skips the masks, whose decoding (five full-size
-    channels, even when empty) costs more than the JPEG itself on a 2-core CPU."""
-    parsed = tf.io.parse_single_example(serialized, _IMAGE_FEATURES)
-    image = tf.io.decode_image(parsed[keys.IMAGE], channels=3, expand_animations=False)
-    return {
-        keys.ID: parsed[keys.ID],
-        keys.IMAGE: tf.ensure_shape(image, [None, None, 3]),
-        keys.GRADE: tf.cast(parsed[keys.GRADE], tf.int32),
-        keys.DME: tf.cast(parsed[keys.DME], tf.int32),
-    }
+def _parse_without_masks(serialized: tf.Tensor, size: int) -> dict:
+    """The image and labels of a record, for a model input of ``size`` pixels: the masks are
+    not decoded (five full-size channels cost more than the photograph) and a large JPEG is
+    decoded already scaled down (:func:`drkeras.data.records.parse_example` ``min_side``)."""
+    ex = records.parse_example(serialized, masks=False, min_side=_decode_min_side(size))
+    return {name: ex[name] for name in (keys.ID, keys.IMAGE, keys.GRADE, keys.DME)}
 
 
 def _decode_resize(size: int, fov_crop: bool, lesion_index: Optional[list], merge: bool):
@@ -329,9 +318,9 @@ def _decode_resize(size: int, fov_crop: bool, lesion_index: Optional[list], merg
 
     def fn(serialized):
         ex = (
-            _parse_without_masks(serialized)
+            _parse_without_masks(serialized, size)
             if lesion_index is None
-            else (records.parse_example(serialized))
+            else records.parse_example(serialized, masks="encoded")
         )
         image = ex[keys.IMAGE]
         box = preprocess.fov_box(image) if fov_crop else preprocess._full_box(image)
@@ -343,13 +332,30 @@ def _decode_resize(size: int, fov_crop: bool, lesion_index: Optional[list], merg
             keys.DME: ex[keys.DME],
         }
         if lesion_index is not None:
-            masks = tf.gather(ex[keys.MASKS], lesion_index, axis=-1)
+            height, width = tf.shape(image)[0], tf.shape(image)[1]
+            encoded = tf.gather(ex[keys.MASKS], lesion_index)
+            channels_in = len(lesion_index)
+            channels = 1 if merge else channels_in
+
+            def shrunk():
+                # channel planes stacked first (plain copies; empty ones are zeros, never
+                # decoded), cropped and shrunk together, transposed once small
+                planes = tf.stack(
+                    [records.decode_mask(encoded[k], height, width) for k in range(channels_in)]
+                )
+                if merge:
+                    planes = tf.reduce_max(planes, axis=0, keepdims=True)
+                return preprocess.prepare_example_masks(planes, box, size, channels_first=True)
+
+            out[keys.MASKS] = tf.cond(
+                tf.reduce_any(tf.strings.length(encoded) > 0),
+                shrunk,
+                lambda: tf.zeros([size, size, channels], tf.uint8),
+            )
             present = tf.gather(ex[keys.MASK_PRESENT], lesion_index)
             if merge:
                 # a union is only known where every merged type is annotated
-                masks = tf.reduce_max(masks, axis=-1, keepdims=True)
                 present = tf.reduce_all(present, keepdims=True)
-            out[keys.MASKS] = preprocess.prepare_example_masks(masks, box, size)
             out[keys.MASK_PRESENT] = present
         return out
 
@@ -369,10 +375,12 @@ def _augment_stage(
     preprocess._check_mode(normalization)
 
     def fn(seed, ex):
-        image = tf.cast(ex[keys.IMAGE], tf.float32)
+        image = ex[keys.IMAGE]
         masks = ex.get(keys.MASKS)
         if augment:
+            # the cached uint8 image: resampled in uint8, ~3x cheaper than in float32
             image, masks = aug.augment(image, masks, seed=seed, params=params)
+        image = tf.cast(image, tf.float32)
         if crop_size is not None:
             if augment:
                 image, masks = aug.random_crop(image, masks, crop_size, seed=seed)
@@ -384,10 +392,19 @@ def _augment_stage(
         out = dict(ex)
         out[keys.IMAGE] = preprocess.normalize(image, normalization)
         if masks is not None:
-            out[keys.MASKS] = tf.cast(masks, tf.float32)
+            out[keys.MASKS] = masks  # uint8 until batched (see _uint8_to_float)
         return out
 
     return fn
+
+
+def _uint8_to_float(*element):
+    """Batched masks to float32: batching them as uint8 moves a quarter of the bytes.
+    (``Dataset.map`` passes the parts of a tuple element as separate arguments.)"""
+    out = tf.nest.map_structure(
+        lambda t: tf.cast(t, tf.float32) if t.dtype == tf.uint8 else t, element
+    )
+    return out if len(out) > 1 else out[0]
 
 
 def _finish(
@@ -440,6 +457,7 @@ def _finish(
     if input_context is not None:
         batch_size = input_context.get_per_replica_batch_size(batch_size)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
+    ds = ds.map(_uint8_to_float, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE).with_options(distribution_options())
 
 
@@ -976,7 +994,11 @@ def patch_dataset(
     )
 
     def to_patches(serialized):
-        ex = records.parse_example(serialized) if labeled else _parse_without_masks(serialized)
+        ex = (
+            records.parse_example(serialized)
+            if labeled
+            else _parse_without_masks(serialized, image_size)
+        )
         masks = ex[keys.MASKS] if labeled else None
         patches, labels = patch_ops.patch_example(
             ex[keys.IMAGE],

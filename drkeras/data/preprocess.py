@@ -137,28 +137,62 @@ def crop_and_resize(image, box, size: int, *, method: str = "bilinear") -> tf.Te
     """
     image = tf.convert_to_tensor(image)
     box = tf.cast(tf.convert_to_tensor(box), tf.int32)
-    crop = image[box[0] : box[2], box[1] : box[3], :]
-    ch = tf.cast(box[2] - box[0], tf.float32)
-    cw = tf.cast(box[3] - box[1], tf.float32)
-    scale = float(size) / tf.maximum(tf.maximum(ch, cw), 1.0)
-    new_h = tf.clip_by_value(tf.cast(tf.round(ch * scale), tf.int32), 1, size)
-    new_w = tf.clip_by_value(tf.cast(tf.round(cw * scale), tf.int32), 1, size)
+    new_h, new_w, scale = _target_size(box, size)
     target = tf.stack([new_h, new_w])
     if method in ("nearest", tf.image.ResizeMethod.NEAREST_NEIGHBOR):
-        resized = tf.image.resize(crop, target, method="nearest")
+        return _nearest_square(image, box, size, channels_first=False)
     elif method in ("bilinear", tf.image.ResizeMethod.BILINEAR):
-        crop = tf.cast(crop, tf.float32)
+        crop = tf.cast(image[box[0] : box[2], box[1] : box[3], :], tf.float32)
         resized = tf.cond(
             scale < 1.0,
             lambda: tf.image.resize(crop, target, method="area"),
             lambda: tf.image.resize(crop, target, method="bilinear"),
         )
     else:
+        crop = image[box[0] : box[2], box[1] : box[3], :]
         resized = tf.image.resize(tf.cast(crop, tf.float32), target, method=method, antialias=True)
     out = tf.image.pad_to_bounding_box(
         resized, (size - new_h) // 2, (size - new_w) // 2, size, size
     )
     return tf.ensure_shape(out, [size, size, image.shape[-1]])
+
+
+def _target_size(box: tf.Tensor, size: int):
+    """``(new_h, new_w, scale)``: the box's size once its long side is ``size``."""
+    ch = tf.cast(box[2] - box[0], tf.float32)
+    cw = tf.cast(box[3] - box[1], tf.float32)
+    scale = float(size) / tf.maximum(tf.maximum(ch, cw), 1.0)
+    new_h = tf.clip_by_value(tf.cast(tf.round(ch * scale), tf.int32), 1, size)
+    new_w = tf.clip_by_value(tf.cast(tf.round(cw * scale), tf.int32), 1, size)
+    return new_h, new_w, scale
+
+
+def _nearest_square(array: tf.Tensor, box: tf.Tensor, size: int, *, channels_first: bool):
+    """Nearest-neighbour crop-and-resize of ``[H, W, C]`` (or ``[C, H, W]``) to a padded
+    ``[size, size, C]``: the rows and columns ``tf.image.resize(crop, target, "nearest")``
+    would pick, gathered straight from the full array, so the crop (a full-size copy of a
+    4288 px mask) is never made."""
+    new_h, new_w, _ = _target_size(box, size)
+    rows = box[0] + _nearest_source(box[2] - box[0], new_h)
+    cols = box[1] + _nearest_source(box[3] - box[1], new_w)
+    first = 1 if channels_first else 0
+    resized = tf.gather(tf.gather(array, rows, axis=first), cols, axis=first + 1)
+    if channels_first:
+        resized = tf.transpose(resized, [1, 2, 0])  # small now: [new_h, new_w, C]
+    out = tf.image.pad_to_bounding_box(
+        resized, (size - new_h) // 2, (size - new_w) // 2, size, size
+    )
+    channels = array.shape[0] if channels_first else array.shape[-1]
+    return tf.ensure_shape(out, [size, size, channels])
+
+
+def _nearest_source(length: tf.Tensor, out: tf.Tensor) -> tf.Tensor:
+    """The source index of each of ``out`` samples of ``length`` pixels, exactly as TF's
+    ``ResizeNearestNeighbor`` with half-pixel centres computes it (float32
+    ``floor((i + 0.5) * length / out)``, at most ``length - 1``)."""
+    scale = tf.cast(length, tf.float32) / tf.cast(out, tf.float32)
+    index = tf.cast(tf.floor((tf.range(out, dtype=tf.float32) + 0.5) * scale), tf.int32)
+    return tf.clip_by_value(index, 0, tf.maximum(length - 1, 0))
 
 
 def _gaussian_kernel(sigma: float, radius: int) -> tf.Tensor:
@@ -365,14 +399,21 @@ def _full_box(image: tf.Tensor) -> tf.Tensor:
     return tf.stack([0, 0, shape[0], shape[1]])
 
 
-def prepare_example_masks(masks, box, size: int) -> tf.Tensor:
+def prepare_example_masks(masks, box, size: int, *, channels_first: bool = False) -> tf.Tensor:
     """Apply the crop and resize of :func:`prepare_image` to an example's masks (nearest
     neighbour, dtype kept).
 
     Args:
-        masks: ``[H, W, K]`` (the record's uint8 {0, 1} masks).
+        masks: ``[H, W, K]`` (the record's uint8 {0, 1} masks), or ``[K, H, W]`` with
+            ``channels_first``: channels decoded one by one stack along a new first axis with
+            plain copies, where stacking them last interleaves every pixel (~0.2 s for five
+            4288 x 2848 masks on a 2-core CPU); only the small result is transposed.
         box: the box used for the image (``fov_box(image)``).
         size: output side.
+        channels_first: ``masks`` is ``[K, H, W]``.
+
+    Returns:
+        ``[size, size, K]`` either way.
 
     Example::
 
@@ -381,7 +422,9 @@ def prepare_example_masks(masks, box, size: int) -> tf.Tensor:
         >>> int(prepare_example_masks(m, [0, 0, 40, 60], 30)[..., 1].numpy().sum())
         100
     """
-    return crop_and_resize(masks, box, size, method="nearest")
+    masks = tf.convert_to_tensor(masks)
+    box = tf.cast(tf.convert_to_tensor(box), tf.int32)
+    return _nearest_square(masks, box, size, channels_first=channels_first)
 
 
 def prepare_batch(

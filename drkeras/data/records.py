@@ -47,12 +47,15 @@ from PIL import Image
 from drkeras import keys
 
 __all__ = [
+    "LABEL_FIELDS",
     "MANIFEST",
     "ShardWriter",
+    "decode_mask",
     "encode_example",
     "image_size_of",
     "list_shards",
     "parse_example",
+    "parse_labels",
     "read_manifest",
     "records_dataset",
     "terminate_as_exception",
@@ -260,19 +263,136 @@ _FEATURES = {
 }
 
 
-def _decode_mask(encoded: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+# The light fields: everything but the encoded image and masks.
+LABEL_FIELDS = (keys.ID, keys.DATASET, keys.SPLIT, keys.GRADE, keys.DME, keys.MASK_PRESENT)
+# Scale factors libjpeg decodes to directly in the DCT domain (tf.io.decode_jpeg's ``ratio``).
+_JPEG_RATIOS = (2, 4, 8)
+
+
+def _typed(parsed: dict) -> dict:
+    """Parsed features in the types :func:`parse_example` promises."""
+    casts = {keys.GRADE: tf.int32, keys.DME: tf.int32, keys.MASK_PRESENT: tf.bool}
+    return {name: tf.cast(v, casts[name]) if name in casts else v for name, v in parsed.items()}
+
+
+def parse_labels(serialized: tf.Tensor) -> dict:
+    """The light fields of one record, without decoding the image or the masks.
+
+    What the pipelines filter on (ids, labels, which lesion types are annotated) before they
+    pay for any decoding. Works eagerly and in ``Dataset.map``.
+
+    Args:
+        serialized: a scalar string tensor (one record).
+
+    Returns:
+        ``{keys.ID / keys.DATASET / keys.SPLIT: tf.string, keys.GRADE: int32, keys.DME: int32,
+        keys.MASK_PRESENT: bool [5]}``, typed as in :func:`parse_example`.
+
+    Example::
+
+        >>> blob = encode_example(id="x-train-1", dataset="x", split="train", grade=2,
+        ...                       image=np.zeros((8, 8, 3), np.uint8), masks=None,
+        ...                       mask_present=[False] * 5, lossless=True)
+        >>> int(parse_labels(blob)["grade"])
+        2
+    """
+    return _typed(
+        tf.io.parse_single_example(serialized, {name: _FEATURES[name] for name in LABEL_FIELDS})
+    )
+
+
+def _decode_reduced(encoded: tf.Tensor, min_side: int) -> tf.Tensor:
+    """Decode a JPEG scaled down by the largest of 2, 4, 8 that keeps its short side at least
+    ``min_side`` pixels; other formats (PNG) are decoded at full size."""
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(encoded)
+        short = tf.minimum(shape[0], shape[1])
+        # ceil(short / r) >= min_side whenever short >= r * min_side; the ratios are increasing
+        index = tf.add_n([tf.cast(short >= r * min_side, tf.int32) for r in _JPEG_RATIOS])
+        branches = [
+            lambda r=r: tf.io.decode_jpeg(encoded, channels=3, ratio=r) for r in (1,) + _JPEG_RATIOS
+        ]
+        return tf.switch_case(index, branches)
+
+    def other():
+        return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_MAGIC)), _JPEG_MAGIC)
+    return tf.cond(is_jpeg, jpeg, other)
+
+
+def decode_mask(encoded: tf.Tensor, height, width) -> tf.Tensor:
+    """One lesion channel of a record as uint8 ``[height, width]`` in {0, 1}.
+
+    An empty string (how records store an all-zero channel) gives zeros without decoding
+    anything; a PNG whose size is not ``height x width`` (the photograph's) raises an
+    ``InvalidArgumentError`` naming both sizes.
+
+    Args:
+        encoded: scalar string, one element of a record's encoded masks (see
+            :func:`parse_example` with ``masks="encoded"``).
+        height, width: the photograph's size.
+
+    Example::
+
+        >>> decode_mask(tf.constant(b""), 2, 3).numpy().tolist()
+        [[0, 0, 0], [0, 0, 0]]
+    """
+
+    def decode():
+        mask = tf.io.decode_png(encoded, channels=1)[..., 0]
+        check = tf.debugging.assert_equal(
+            tf.shape(mask),
+            tf.cast(tf.stack([height, width]), tf.int32),
+            message="a record's mask PNG must have its photograph's height and width",
+        )
+        with tf.control_dependencies([check]):
+            # stored as 0/255 for viewing; the schema promises {0, 1}
+            return tf.minimum(mask, 1)
+
     return tf.cond(
         tf.strings.length(encoded) > 0,
-        lambda: tf.io.decode_png(encoded, channels=1)[..., 0],
+        decode,
         lambda: tf.zeros(tf.stack([height, width]), tf.uint8),
     )
 
 
-def parse_example(serialized: tf.Tensor) -> dict:
+def _decode_masks(encoded: tf.Tensor, height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
+    """``[H, W, 5]`` uint8 in {0, 1} from the five encoded channels of a record.
+
+    Empty channels are never decoded; when every channel is empty (every image of a grading
+    dataset) the result is one block of zeros, with no per-channel work at all: stacking five
+    full-size channels costs several times the JPEG's decoding.
+    """
+    return tf.cond(
+        tf.reduce_any(tf.strings.length(encoded) > 0),
+        lambda: tf.stack(
+            [decode_mask(encoded[i], height, width) for i in range(keys.NUM_LESIONS)], axis=-1
+        ),
+        lambda: tf.zeros(tf.stack([height, width, keys.NUM_LESIONS]), tf.uint8),
+    )
+
+
+def parse_example(
+    serialized: tf.Tensor,
+    *,
+    masks: Union[bool, str] = True,
+    min_side: Optional[int] = None,
+) -> dict:
     """Decode one serialised example into a dict of tensors; works eagerly and in ``Dataset.map``.
 
     Args:
         serialized: a scalar string tensor (one record).
+        masks: ``True``: decode the lesion masks (``[H, W, 5]``); ``False``: leave
+            ``keys.MASKS`` out (grading pipelines never pay for them); ``"encoded"``: return
+            the five encoded channels (string ``[5]``, empty = all zero) for callers that
+            decode, crop and resize channel by channel with :func:`decode_mask`, without ever
+            holding five full-size channels.
+        min_side: decode JPEG photographs already scaled down by 2, 4 or 8 (libjpeg's
+            DCT-domain scaling, several times faster than a full decode of a 4288 x 2848
+            photograph) as long as the short side stays at least ``min_side`` pixels; ``None``
+            decodes the full size. Needs ``masks=False``: masks are stored at full size.
 
     Returns:
         ``{keys.IMAGE: uint8 [H, W, 3], keys.MASKS: uint8 [H, W, 5] in {0, 1} (order
@@ -284,27 +404,32 @@ def parse_example(serialized: tf.Tensor) -> dict:
         >>> ds = tf.data.TFRecordDataset(list_shards("records/idrid", "train"))  # doctest: +SKIP
         >>> ds = ds.map(parse_example)  # doctest: +SKIP
     """
-    parsed = tf.io.parse_single_example(serialized, _FEATURES)
-    image = tf.io.decode_image(parsed[keys.IMAGE], channels=3, expand_animations=False)
+    if masks not in (True, False, "encoded"):
+        raise ValueError(f"parse_example: masks must be True, False or 'encoded', got {masks!r}")
+    if masks is not False and min_side is not None:
+        raise ValueError(
+            "parse_example: min_side (reduced JPEG decoding) needs masks=False, because the "
+            "masks are stored at the photograph's full size"
+        )
+    spec = {name: _FEATURES[name] for name in LABEL_FIELDS + (keys.IMAGE,)}
+    if masks is not False:
+        spec[keys.MASKS] = _FEATURES[keys.MASKS]
+    parsed = tf.io.parse_single_example(serialized, spec)
+    if min_side is None:
+        image = tf.io.decode_image(parsed[keys.IMAGE], channels=3, expand_animations=False)
+    else:
+        image = _decode_reduced(parsed[keys.IMAGE], int(min_side))
     image = tf.ensure_shape(image, [None, None, 3])
-    height, width = tf.shape(image)[0], tf.shape(image)[1]
-    encoded_masks = parsed[keys.MASKS]
-    masks = tf.stack(
-        [_decode_mask(encoded_masks[i], height, width) for i in range(keys.NUM_LESIONS)],
-        axis=-1,
-    )
-    # Lesion pixels are stored as 255 for viewing; the schema promises {0, 1}.
-    masks = tf.ensure_shape(tf.cast(masks > 0, tf.uint8), [None, None, keys.NUM_LESIONS])
-    return {
-        keys.ID: parsed[keys.ID],
-        keys.DATASET: parsed[keys.DATASET],
-        keys.SPLIT: parsed[keys.SPLIT],
-        keys.IMAGE: image,
-        keys.MASKS: masks,
-        keys.MASK_PRESENT: tf.cast(parsed[keys.MASK_PRESENT], tf.bool),
-        keys.GRADE: tf.cast(parsed[keys.GRADE], tf.int32),
-        keys.DME: tf.cast(parsed[keys.DME], tf.int32),
-    }
+    out = _typed({name: parsed[name] for name in LABEL_FIELDS})
+    out[keys.IMAGE] = image
+    if masks == "encoded":
+        out[keys.MASKS] = parsed[keys.MASKS]
+    elif masks:
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        out[keys.MASKS] = tf.ensure_shape(
+            _decode_masks(parsed[keys.MASKS], height, width), [None, None, keys.NUM_LESIONS]
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,1458 @@
+"""MTUnet: multi-task DR grading and lesion segmentation with a semi-supervised stage.
+
+Reproduces Foo, Hsu, Lee, Lim, Wong, "Multi-Task Learning for Diabetic Retinopathy Grading and
+Lesion Segmentation", AAAI 2020: Tables 1-4 and Fig. 6.
+
+Command::
+
+    python experiments/mtunet.py                                # --data synthetic --preset smoke
+    python experiments/mtunet.py --data RECORDS --preset paper  # RECORDS/{idrid,eyepacs,messidor2}
+
+Expected runtime: smoke, about 10 minutes on 2 CPU cores shared with other jobs (measured 10 min
+24 s, 6 min 51 s of CPU; synthetic IDRiD, EyePACS and DDR layouts generated and converted; 2 runs
+of 14 networks at 96 px, 3 steps per network on EyePACS, 12 on IDRiD-S); paper, days on a
+multi-GPU server (3 runs x 14 networks at 512 x 512, 50 epochs; not run here).
+
+Expected result: smoke, every row of Tables 1-4 filled beside the paper's numbers, the paired
+t-test of Table 2, ``fig6_segmentation.png``, ``history.png`` and ``export/mtunet`` (reload
+checked), and, printed at the end and saved as ``comparison.json``, whether MTUnet's lesion Dice
+is not worse than single-task UNet's at equal budget. Smoke numbers are those of a few steps on
+synthetic images: lesion Dice far below the paper's, grading ROC near chance (50 %). The paper
+preset on the real data should approach Tables 1-4 (MTUnet: Dice 75.2 / 84.3 red / yellow, ROC
+84-99 % per grade on IDRiD-D).
+
+What runs, ``train.runs`` times (seeds ``seed, seed + 1, ...``), every network from scratch:
+
+1. Fig. 7, the semi-supervised process. (a) The initial segmenter, MTUnet's VGG16-UNet without
+   the grading head, learns the lesion masks of IDRiD-S train (Eq. 1). (b) It predicts masks for
+   the image-level set, EyePACS train + val + test pooled and balanced to the count of the
+   rarest grade (grade 4: 1,914 per grade in the paper); for grade-0 images the red and yellow
+   outputs are ignored (:func:`drkeras.pseudo_masks.pseudo_masks_from_probs`). The pseudo masks
+   are written once per run (``pseudo/run<r>.tfrecord``) and augmented with the image.
+   (c) The multi-task networks learn (pseudo mask, grade) on that set, ``L = L_B + alpha L_C``
+   (Eq. 1-3, alpha 1).
+2. Table 1: variants A (grade from the decoder), B (two steps: segmenter, then a grader on image
+   + masks) and C (= MTUnet) trained as 1(c). Dice (%): the mean of the red- and yellow-lesion
+   Dice on IDRiD-S test (below); ROC (%): the mean over the five grades of the one-vs-rest ROC
+   AUC on IDRiD-D test. The paper does not define either aggregate; these are our readings.
+3. Table 2: UNet, LinkNet, Feature Pyramid, DeepLabv3 (segmentation-models / keras-cv baselines,
+   single task) and MTUNet, each trained on IDRiD-S train for ``method.seg_epochs``; MTUNet's
+   grades for those images come from the semi-supervised process (the Table 1 variant C's
+   predicted grades, "we use the semi-supervised process in Figure 7 to obtain the DR severity
+   level for the images in IDRiD-S"). Extra row: the Fig. 7 initial network, i.e. MTUnet's own
+   architecture without the grading head, trained identically: the like-for-like single-task
+   comparison. The paired t-test MTUNet vs LinkNet over the runs is a row of the table.
+4. Tables 3-4: NASNet, DenseNet-201, ResNeXt-101, InceptionResNetV2 graders trained on the
+   balanced EyePACS set (the same images, augmentations and steps as 1(c)) and the Table 1
+   variant C (MTUnet); one-vs-rest ROC AUC per grade on IDRiD-D test (Table 3) and on the
+   external set (Table 4). SiDRP14-15 is private; ``method.external`` names the converted
+   dataset used instead: Messidor-2 (ICDRS grades, adjudicated) in the paper preset, DDR's test
+   split in smoke (Messidor-2 has no synthetic layout).
+5. Fig. 6: image, ground truth and every Table 2 network's prediction on IDRiD-S test images
+   (red lesions red, yellow lesions yellow, optic disc purple); ``export/mtunet``: the run-0
+   MTUnet as a SavedModel (``grade_probs``, ``seg_probs``) with its reload check.
+
+Dice. Pixel classes are ``method.class_set`` (default background / red = MA + HE / yellow = EX +
+SE / optic disc, mutually exclusive, see :mod:`drkeras.models.mtunet`); a pixel's predicted class
+is the argmax. Red (yellow) Dice is ``2|X n Y| / (|X| + |Y|)`` with TP, FP and FN POOLED over
+all pixels of all test images (one value per class and run, the IDRiD-challenge convention),
+not a mean of per-image Dice; tables show mean ± std over runs (sample std).
+
+Equal budget. Within a table every network sees the same training stream (same images, order,
+augmentation draws and number of steps), the same optimizer and input size. Variant B trains
+each of its two steps for the same epochs. In a run, the VGG16-UNet family (the single-task
+initial network, the variants, both MTUnets) starts from the same weights in the layers it
+shares, so single- vs multi-task differences are not differences of initialisation.
+Per-network input scaling: with ``model.encoder_weights=imagenet`` each network gets the
+scaling its ImageNet weights expect (VGG16: caffe; NASNet / InceptionResNetV2: [-1, 1];
+DenseNet: torch; image-classifiers ResNeXt / ResNet: raw 0-255); without pretrained weights all
+use ``data.normalization``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import json
+import logging
+import math
+import pathlib
+import sys
+import zlib
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow import keras
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from drkeras import keys, metrics  # noqa: E402
+from drkeras.config import (  # noqa: E402
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
+from drkeras.data import augment as aug  # noqa: E402
+from drkeras.data import pipeline, preprocess  # noqa: E402
+from drkeras.experiment import Experiment, RunContext, main, run_config_summary  # noqa: E402
+from drkeras.export import export_model  # noqa: E402
+from drkeras.models import baselines, blocks, mtunet  # noqa: E402
+from drkeras.plots import _display_image, _new_figure, _save, plot_history  # noqa: E402
+from drkeras.pseudo_masks import pseudo_masks_from_probs  # noqa: E402
+from drkeras.results import ResultsTable  # noqa: E402
+from drkeras.training.optim import build_optimizer  # noqa: E402
+
+__all__ = [
+    "GRADER_ROWS",
+    "GRADE_COLUMNS",
+    "MTUNET_AUGMENT",
+    "MTUnetExperiment",
+    "Method",
+    "PAPER",
+    "PAPER_TABLE1",
+    "PAPER_TABLE2",
+    "PAPER_TABLE3",
+    "PAPER_TABLE4",
+    "SEGMENTER_ROWS",
+    "SMOKE",
+    "balanced_grading_ids",
+    "dice_table",
+    "input_scaling",
+    "lesion_group_dice",
+    "plot_segmentation_comparison",
+]
+
+log = logging.getLogger("drkeras.mtunet")
+
+# ------------------------------------------------------------------------------ the paper's data
+
+DICE, ROC = "Dice (%)", "ROC (%)"
+RED, YELLOW = "Red lesions", "Yellow lesions"
+GRADE_COLUMNS = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")
+
+# Table 1: network variants (Dice %, ROC %).
+PAPER_TABLE1: Dict[str, Dict[str, float]] = {
+    "Variant A": {DICE: 55.37, ROC: 86.27},
+    "Variant B": {DICE: 73.89, ROC: 82.05},
+    "Variant C": {DICE: 76.12, ROC: 89.45},
+}
+VARIANT_ROWS = {"Variant A": "A", "Variant B": "B", "Variant C": "C"}
+
+# Table 2: Dice (%) for red / yellow lesions, (mean, std) over 3 runs.
+PAPER_TABLE2: Dict[str, Dict[str, Tuple[float, float]]] = {
+    "UNet": {RED: (62.25, 7.646), YELLOW: (76.03, 1.415)},
+    "LinkNet": {RED: (73.56, 1.026), YELLOW: (83.54, 0.19)},
+    "Feature Pyramid": {RED: (72.66, 0.541), YELLOW: (77.28, 0.429)},
+    "DeepLabv3": {RED: (56.73, 1.217), YELLOW: (72.01, 1.661)},
+    "MTUNet": {RED: (75.15, 0.778), YELLOW: (84.27, 0.456)},
+}
+SEGMENTER_ROWS = {
+    "UNet": "unet",
+    "LinkNet": "linknet",
+    "Feature Pyramid": "fpn",
+    "DeepLabv3": "deeplabv3plus",
+}
+MTUNET_T2_ROW = "MTUNet"
+SINGLE_TASK_ROW = "VGG16-UNet, single task (Fig. 7 initial network)"
+TTEST_ROW = "MTUNet vs LinkNet: paired t-test p"
+
+# Tables 3-4: ROC (%) per DR level, (mean, std) over runs.
+PAPER_TABLE3: Dict[str, Tuple[Tuple[float, float], ...]] = {
+    "NASNet": ((93.00, 0.784), (79.07, 3.881), (71.75, 5.342), (72.63, 4.239), (83.95, 4.729)),
+    "DenseNet-201": (
+        (62.25, 13.49),
+        (38.64, 5.872),
+        (40.49, 5.590),
+        (36.98, 6.060),
+        (36.83, 12.78),
+    ),
+    "ResNeXt-101": ((92.09, 3.223), (79.28, 4.391), (67.22, 2.499), (72.26, 9.102), (66.62, 4.879)),
+    "InceptionResNetV2": (
+        (94.86, 3.286),
+        (77.92, 10.03),
+        (67.91, 13.00),
+        (75.74, 5.868),
+        (67.17, 14.09),
+    ),
+    "MTUnet": ((99.00, 0.330), (89.94, 2.093), (84.13, 3.011), (82.86, 3.110), (87.20, 2.859)),
+}
+PAPER_TABLE4: Dict[str, Tuple[Tuple[float, float], ...]] = {
+    "NASNet": ((61.37, 0.569), (47.14, 1.547), (59.81, 3.224), (81.88, 8.410), (87.64, 0.538)),
+    "DenseNet-201": (
+        (51.00, 3.190),
+        (48.11, 2.053),
+        (43.44, 9.126),
+        (57.47, 16.385),
+        (66.33, 14.374),
+    ),
+    "ResNeXt-101": (
+        (55.55, 3.921),
+        (52.10, 1.461),
+        (58.69, 4.049),
+        (75.59, 12.481),
+        (42.76, 5.103),
+    ),
+    "InceptionResNetV2": (
+        (66.79, 4.272),
+        (46.84, 5.985),
+        (59.16, 10.337),
+        (83.23, 7.013),
+        (83.52, 2.653),
+    ),
+    "MTUnet": ((78.56, 0.122), (58.44, 0.606), (84.75, 1.875), (97.77, 0.745), (98.11, 0.867)),
+}
+GRADER_ROWS = ("NASNet", "DenseNet-201", "ResNeXt-101", "InceptionResNetV2")
+MTUNET_GRADING_ROW = "MTUnet"
+# The architectures each grader row of the paper names; anything else is a substitute and the
+# table title says so.
+_ROW_ARCHITECTURES = {
+    "NASNet": ("nasnet_large", "nasnet_mobile"),
+    "DenseNet-201": ("densenet201",),
+    "ResNeXt-101": ("resnext101",),
+    "InceptionResNetV2": ("inception_resnet_v2",),
+}
+# A VGG16 classifier (MTUnet's encoder + its grading head, at model.width): not in the paper,
+# accepted as a cheap grader for quick test runs, always named in the table title.
+VGG16_GRADER = "vgg16"
+
+# "random rotations, width/height shifts, shear, zoom, vertical/horizontal flips and channel
+# shifts" (section "Semi-Supervised Training"); the ranges are not given, these are ours.
+MTUNET_AUGMENT = aug.AugmentParams(
+    flip_horizontal=True,
+    flip_vertical=True,
+    rotate90=False,
+    rotation_deg=20.0,
+    zoom=0.1,
+    shift=0.1,
+    shear_deg=10.0,
+    brightness=0.0,
+    contrast=0.0,
+    saturation=0.0,
+    hue=0.0,
+    channel_shift=10.0,
+)
+
+# Input scaling expected by ImageNet weights, by network / backbone name prefix (first match).
+RAW = "raw"  # float RGB in [0, 255], no scaling (image-classifiers' nets normalise themselves)
+_IMAGENET_INPUT = (
+    ("vgg", "imagenet_caffe"),
+    ("mtunet", "imagenet_caffe"),
+    ("densenet", "imagenet_torch"),
+    ("efficientnet", "imagenet_torch"),
+    ("nasnet", "symmetric"),
+    ("inception", "symmetric"),
+    ("xception", "symmetric"),
+    ("mobilenet", "symmetric"),
+    ("resnet50v2", "symmetric"),
+    ("resnet101v2", "symmetric"),
+    ("resnet152v2", "symmetric"),
+    ("resnet", RAW),
+    ("resnext", RAW),
+    ("seresne", RAW),
+    ("senet", RAW),
+    ("deeplab", "unit"),  # keras-cv ResNetV2 preset without its own 1/255 rescaling
+)
+
+_PSEUDO_FEATURES = {
+    keys.IMAGE: tf.io.FixedLenFeature([], tf.string),
+    "classes": tf.io.FixedLenFeature([], tf.string),
+    keys.GRADE: tf.io.FixedLenFeature([], tf.int64),
+}
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """MTUnet's own settings (``--set method.<field>=...``).
+
+    Attributes:
+        alpha: weight of the grading loss, ``L = L_B + alpha L_C`` (Eq. 3; 1 in the paper).
+        class_set: pixel classes (:data:`drkeras.models.mtunet.CLASS_SETS`); Table 2's red and
+            yellow Dice group the classes made of MA/HE and of EX/SE.
+        seg_epochs: epochs of every IDRiD-S training (the Fig. 7 initial network and Table 2);
+            ``train.epochs`` is that of the EyePACS stage (Table 1, Tables 3-4). The paper gives
+            50 epochs for the variants only; we use 50 for both.
+        grading_set: the image-level dataset of the semi-supervised stage (Kaggle = EyePACS).
+        grading_splits: its splits pooled before balancing (the paper combines Kaggle's
+            training and test images; our EyePACS records split the test set into val + test).
+        max_per_grade: cap on images per grade after balancing (0: the paper's rule only, the
+            count of the rarest grade, 1,914 on EyePACS).
+        external: the converted dataset standing in for the private SiDRP14-15 (Table 4): an
+            ICDRS-graded set, ``messidor2`` (paper preset) or ``ddr`` (synthetic layouts).
+        external_split: its split used as the test set.
+        graders: registry names (:data:`drkeras.models.baselines.GRADERS`, or ``vgg16``) of
+            the four grader rows, in the order of :data:`GRADER_ROWS`; a name the paper's row
+            does not name is written in the table title.
+        segmenter_backbone: encoder of the UNet / LinkNet / Feature Pyramid baselines
+            (segmentation-models; the paper does not say, VGG16 is MTUnet's own encoder).
+        deeplab_backbone: encoder of the DeepLab baseline (:data:`baselines.DEEPLAB_BACKBONES`).
+        run_eagerly: train and predict eagerly. Faster for a few steps on a CPU: tracing the
+            graphs of DenseNet-201, ResNeXt or NASNet takes one to five minutes each.
+        figure_images: IDRiD-S test images shown in Fig. 6.
+    """
+
+    alpha: float = 1.0
+    class_set: str = mtunet.DEFAULT_CLASS_SET
+    seg_epochs: int = 50
+    grading_set: str = "eyepacs"
+    grading_splits: Tuple[str, ...] = ("train", "val", "test")
+    max_per_grade: int = 0
+    external: str = "messidor2"
+    external_split: str = "test"
+    graders: Tuple[str, ...] = ("nasnet_large", "densenet201", "resnext101", "inception_resnet_v2")
+    segmenter_backbone: str = "vgg16"
+    deeplab_backbone: str = "resnet50_v2"
+    run_eagerly: bool = False
+    figure_images: int = 2
+
+
+# "Performance Study": Adam 1e-5, 512 x 512 x 3, ImageNet encoder, 50 epochs; Table 2 averages
+# three runs. Not given: the batch size (8 assumed: two 512-px images per V100 of their 4-GPU
+# server) and the augmentation ranges (MTUNET_AUGMENT).
+PAPER = Config(
+    method=Method(),
+    data=DataConfig(
+        image_size=512,
+        batch_size=8,
+        normalization="imagenet_caffe",  # what the ImageNet VGG16 encoder expects
+        augment=True,
+    ),
+    model=ModelConfig(encoder_weights="imagenet", width=1.0),
+    optimizers={"model": OptimizerConfig(name="adam", learning_rate=1e-5)},
+    train=TrainConfig(epochs=50, runs=3, verbose=2),
+)
+
+# Minutes on 2 CPU cores: 96 px (InceptionResNetV2 needs >= 75, the VGG16-UNet a multiple of
+# 32), quarter-width VGG16-UNets and decoders, 2 runs (mean ± std and the t-test need two), a
+# learning rate that moves in a few steps. The EyePACS stage is 3 steps per network (4 images
+# per grade, batch 8): the ImageNet graders cost 5-15 s per step and 5-30 s to build on a CPU.
+# The IDRiD-S stage gets 12 steps. NASNet is NASNetMobile, ResNeXt-101 is ResNeXt-50 and the
+# baselines' encoders are ResNet-18 (the titles say so): NASNetLarge or ResNeXt-101 alone would
+# take most of the budget.
+SMOKE = Config(
+    method=Method(
+        seg_epochs=12,
+        max_per_grade=4,
+        external="ddr",
+        graders=("nasnet_mobile", "densenet201", "resnext50", "inception_resnet_v2"),
+        segmenter_backbone="resnet18",
+        deeplab_backbone="resnet18_v2",
+        run_eagerly=True,
+    ),
+    data=DataConfig(image_size=96, batch_size=8, synthetic_size=128, augment=True),
+    model=ModelConfig(encoder_weights=None, width=0.25),
+    optimizers={"model": OptimizerConfig(name="adam", learning_rate=1e-3)},
+    train=TrainConfig(epochs=1, runs=2, verbose=2),
+)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def balanced_grading_ids(
+    labels_per_split: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    num_grades: int = keys.NUM_GRADES,
+    max_per_grade: int = 0,
+    seed: int = 0,
+) -> Dict[str, List[str]]:
+    """Pool graded images of several splits and keep the same number of each grade.
+
+    The paper's Kaggle training set: "we combine the training and test images and downsample
+    the images by the number of images with DR severity level of 4. This gives us 1914 images
+    per severity level" (Foo et al. 2020, "Performance Study", item 3). Every grade keeps
+    ``n = min_g count(g)`` images (capped by ``max_per_grade`` when > 0), drawn at random with
+    ``seed``; unknown grades (-1) are left out.
+
+    Args:
+        labels_per_split: ``{split: pipeline.read_labels(records, split)}``.
+        num_grades: grades ``0 .. num_grades - 1``.
+        max_per_grade: optional cap on ``n``.
+        seed: selection seed.
+
+    Returns:
+        ``{split: sorted selected ids}`` (splits without a selected image are absent).
+
+    Raises:
+        ValueError: a grade has no image.
+
+    Example::
+
+        labels = {s: pipeline.read_labels("records/eyepacs", s) for s in ("train", "test")}
+        ids = balanced_grading_ids(labels, seed=0)   # 1,914 per grade on the real EyePACS
+    """
+    pooled: Dict[int, List[Tuple[str, str]]] = {g: [] for g in range(num_grades)}
+    for split in sorted(labels_per_split):
+        labels = labels_per_split[split]
+        for example_id, grade in zip(labels[keys.ID], labels[keys.GRADE]):
+            if 0 <= int(grade) < num_grades:
+                pooled[int(grade)].append((split, str(example_id)))
+    counts = {g: len(v) for g, v in pooled.items()}
+    if min(counts.values()) == 0:
+        raise ValueError(
+            f"cannot balance the grading set: grade counts {counts} over splits "
+            f"{sorted(labels_per_split)}; every grade 0..{num_grades - 1} needs an image"
+        )
+    n = min(counts.values())
+    if max_per_grade > 0:
+        n = min(n, int(max_per_grade))
+    rng = np.random.default_rng(seed)
+    chosen: Dict[str, List[str]] = {}
+    for grade in range(num_grades):
+        members = sorted(pooled[grade])
+        for index in sorted(rng.choice(len(members), size=n, replace=False)):
+            split, example_id = members[index]
+            chosen.setdefault(split, []).append(example_id)
+    return {split: sorted(ids) for split, ids in chosen.items()}
+
+
+def _class_groups(class_set: str) -> Dict[str, List[int]]:
+    """Channels of ``class_set`` forming the red (MA, HE) and yellow (EX, SE) lesion groups."""
+    groups = {RED: [], YELLOW: []}
+    for index, (_, sources) in enumerate(mtunet.CLASS_SETS[class_set]):
+        if sources and set(sources) <= {"MA", "HE"}:
+            groups[RED].append(index)
+        elif sources and set(sources) <= {"EX", "SE"}:
+            groups[YELLOW].append(index)
+    return groups
+
+
+def lesion_group_dice(pred_classes, true_classes, class_set: str = mtunet.DEFAULT_CLASS_SET):
+    """Pooled Dice of the red and yellow lesion groups from class-index maps (Table 2).
+
+    A pixel is "red" when its class is made of microaneurysms / haemorrhages, "yellow" when of
+    hard / soft exudates. TP, FP and FN are summed over every pixel of every image before
+    ``Dice = 2 TP / (2 TP + FP + FN)`` (:class:`drkeras.metrics.SegmentationCounter`,
+    ``dice_pooled``); a group absent from prediction and truth scores 1.
+
+    Args:
+        pred_classes: int ``[N, H, W]`` predicted class indices (argmax of ``seg_probs``).
+        true_classes: int ``[N, H, W]`` true class indices.
+        class_set: the class set of the indices.
+
+    Returns:
+        ``{"Red lesions": dice, "Yellow lesions": dice}`` as fractions in [0, 1].
+
+    Example::
+
+        pred = np.array([[[1, 1, 0, 2]]]); true = np.array([[[1, 0, 0, 2]]])
+        lesion_group_dice(pred, true)   # red 2*1/(2+1) = 0.667, yellow 1.0
+    """
+    pred_classes, true_classes = np.asarray(pred_classes), np.asarray(true_classes)
+    if pred_classes.shape != true_classes.shape:
+        raise ValueError(
+            f"lesion_group_dice: predicted {pred_classes.shape} and true {true_classes.shape} "
+            "class maps differ in shape"
+        )
+    groups = _class_groups(class_set)
+    names = [name for name, members in groups.items() if members]
+    if not names:
+        raise ValueError(f"class_set {class_set!r} has no red or yellow lesion class")
+    pred = np.stack([np.isin(pred_classes, groups[n]) for n in names], axis=-1)
+    true = np.stack([np.isin(true_classes, groups[n]) for n in names], axis=-1)
+    counter = metrics.SegmentationCounter(names)
+    counter.update(pred, true.astype(np.uint8))
+    return dict(counter.result()["dice_pooled"])
+
+
+def input_scaling(network: str, *, encoder_weights: Optional[str], default: str) -> str:
+    """The input scaling a network is trained and evaluated with.
+
+    Without pretrained weights every network gets ``default`` (``data.normalization``), so a
+    comparison differs only in the architecture. With ImageNet weights each gets the scaling its
+    weights were trained with: a mode of :func:`drkeras.data.preprocess.normalize`, or ``"raw"``
+    (0-255 values, for image-classifiers' ResNet / ResNeXt, which normalise with their own first
+    batch-norm layer).
+
+    Args:
+        network: a grader registry name, a segmentation-models backbone, ``"mtunet"`` (VGG16
+            encoder) or ``"deeplab"``.
+        encoder_weights: ``None`` or ``"imagenet"``.
+        default: the scaling without pretrained weights.
+
+    Example::
+
+        input_scaling("resnext101", encoder_weights="imagenet", default="unit")   # "raw"
+        input_scaling("densenet201", encoder_weights=None, default="unit")        # "unit"
+    """
+    if encoder_weights is None:
+        return default
+    for prefix, mode in _IMAGENET_INPUT:
+        if network.startswith(prefix):
+            return mode
+    raise ValueError(
+        f"no ImageNet input scaling known for {network!r}; known prefixes: "
+        f"{[p for p, _ in _IMAGENET_INPUT]} (or set model.encoder_weights=none)"
+    )
+
+
+def dice_table(dice: Mapping[str, Sequence[Mapping[str, float]]], *, title: str) -> ResultsTable:
+    """Table 2 from per-run Dice: one row per network, plus the paired t-test row.
+
+    Rows are the paper's (:data:`PAPER_TABLE2`, its means beside ours) followed by the networks
+    only we report; with two or more runs the row :data:`TTEST_ROW` holds, per column, the
+    two-sided p-value of the paired t-test MTUNet vs LinkNet over the runs
+    (:func:`drkeras.metrics.paired_ttest`; the paper: "under the paired t-test at 10%
+    significance level, the improvement of MTUnet over LinkNet is statistically significant").
+    Two identical series get p = 1 (no evidence of a difference; the t statistic is 0 / 0).
+
+    Args:
+        dice: ``{row: [{"Red lesions": %, "Yellow lesions": %} per run]}``; must hold every
+            row of :data:`PAPER_TABLE2`.
+        title: the table's title (one sentence is appended when the t-test is skipped).
+
+    Example::
+
+        t = dice_table({row: [{RED: 60.0, YELLOW: 70.0}] * 3 for row in PAPER_TABLE2}, title="T2")
+        t.values("MTUNet vs LinkNet: paired t-test p", "Red lesions")   # [1.0]
+    """
+    missing = [row for row in PAPER_TABLE2 if row not in dice]
+    if missing:
+        raise ValueError(f"dice_table: no Dice for row(s) {missing}")
+    table = ResultsTable(
+        "table2",
+        title,
+        [RED, YELLOW],
+        row_header="Network",
+        paper={row: {c: v[0] for c, v in cells.items()} for row, cells in PAPER_TABLE2.items()},
+        digits=2,
+    )
+    for row, runs in dice.items():
+        for column in (RED, YELLOW):
+            table.add(row, column, [scores[column] for scores in runs])
+    if min(len(dice[MTUNET_T2_ROW]), len(dice["LinkNet"])) >= 2:
+        for column in (RED, YELLOW):
+            ours = [s[column] for s in dice[MTUNET_T2_ROW]]
+            linknet = [s[column] for s in dice["LinkNet"]]
+            if np.allclose(ours, linknet):
+                p = 1.0
+            else:
+                _, p = metrics.paired_ttest(ours, linknet)
+            table.add(TTEST_ROW, column, p)
+    else:
+        table.title += "; paired t-test not computed (needs train.runs >= 2)"
+    return table
+
+
+def _network_input(image, mode: str) -> tf.Tensor:
+    """A float RGB image (or batch) in [0, 255] scaled as a network expects."""
+    image = tf.cast(image, tf.float32)
+    return image if mode == RAW else preprocess.normalize(image, mode)
+
+
+def _stage_seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}/{name}".encode()) % (2**31 - 1)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def _png(array: np.ndarray) -> bytes:
+    return tf.io.encode_png(tf.convert_to_tensor(array, tf.uint8)).numpy()
+
+
+@tf.autograph.experimental.do_not_convert
+def _parse_pseudo(serialized):
+    ex = tf.io.parse_single_example(serialized, _PSEUDO_FEATURES)
+    image = tf.io.decode_png(ex[keys.IMAGE], channels=3)
+    classes = tf.io.decode_png(ex["classes"], channels=1)[..., 0]
+    return image, classes, tf.cast(ex[keys.GRADE], tf.int32)
+
+
+@dataclasses.dataclass
+class _Images:
+    """Decoded images at training size (uint8) with their labels, held in memory."""
+
+    images: np.ndarray  # uint8 [N, S, S, 3], 0-255 RGB after FOV crop and resize
+    grades: np.ndarray  # int32 [N] (-1 unknown)
+    classes: Optional[np.ndarray] = None  # uint8 [N, S, S] class indices of method.class_set
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+# ------------------------------------------------------------------------------ one execution
+
+
+class _Run:
+    """Everything of one ``MTUnetExperiment.run``: data, networks, evaluation, tables."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.method: Method = ctx.config.method
+        self.data = ctx.config.data
+        self.size = int(self.data.image_size)
+        self.shape = (self.size, self.size, 3)
+        self.batch = int(self.data.batch_size)
+        self.class_set = self.method.class_set
+        self.class_names = mtunet.class_names(self.class_set)
+        self.num_classes = len(self.class_names)
+        self.pseudo_dir = ctx.out_dir / "pseudo"
+        self.seg_epochs = int(self.method.seg_epochs)
+        self.epochs = int(self.config.train.epochs)
+        self._check()
+
+    # -------------------------------------------------------------------------- set-up
+
+    def _check(self) -> None:
+        method = self.method
+        if method.class_set not in mtunet.CLASS_SETS:
+            raise ValueError(
+                f"method.class_set={method.class_set!r}: choose one of {sorted(mtunet.CLASS_SETS)}"
+            )
+        groups = _class_groups(method.class_set)
+        if not groups[RED] or not groups[YELLOW]:
+            raise ValueError(
+                f"method.class_set={method.class_set!r} has no red or no yellow lesion class; "
+                "Tables 1-2 need both"
+            )
+        if self.config.model.num_grades != keys.NUM_GRADES:
+            raise ValueError(
+                f"model.num_grades={self.config.model.num_grades}: MTUnet's tables grade on the "
+                f"{keys.NUM_GRADES}-level ICDRS scale"
+            )
+        if len(method.graders) != len(GRADER_ROWS):
+            raise ValueError(
+                f"method.graders={method.graders}: give {len(GRADER_ROWS)} names, one per row "
+                f"{GRADER_ROWS}"
+            )
+        unknown = [g for g in method.graders if g not in baselines.GRADERS and g != VGG16_GRADER]
+        if unknown:
+            raise ValueError(
+                f"method.graders: unknown grader(s) {unknown}; choose from "
+                f"{sorted(baselines.GRADERS) + [VGG16_GRADER]}"
+            )
+        small = [
+            g
+            for g in method.graders
+            if g in baselines.GRADERS and self.size < baselines.GRADERS[g].min_size
+        ]
+        if small:
+            raise ValueError(
+                f"data.image_size={self.size} is below the minimum input size of {small} "
+                f"({[baselines.GRADERS[g].min_size for g in small]} px); raise data.image_size "
+                "or choose other method.graders"
+            )
+        if self.size % blocks.VGG16_DOWNSAMPLING:
+            raise ValueError(
+                f"data.image_size={self.size}: MTUnet's VGG16-UNet needs a multiple of "
+                f"{blocks.VGG16_DOWNSAMPLING}"
+            )
+        if method.seg_epochs < 1 or self.config.train.epochs < 1:
+            raise ValueError("method.seg_epochs and train.epochs must be >= 1")
+
+    def _input_mode(self, family: str) -> str:
+        return input_scaling(
+            family,
+            encoder_weights=self.config.model.encoder_weights,
+            default=self.data.normalization,
+        )
+
+    def _steps(self, count: int) -> int:
+        steps = self.config.train.steps_per_epoch
+        return int(steps) if steps else max(1, math.ceil(count / self.batch))
+
+    # -------------------------------------------------------------------------- data
+
+    def _read(self, ds, with_masks: bool, what: str) -> _Images:
+        """Materialise a pipeline dataset built with ``normalization="unit"`` as uint8."""
+        images, grades, classes = [], [], []
+        for image, target in ds:
+            images.append(np.round(image.numpy() * 255.0).astype(np.uint8))
+            if with_masks:
+                one_hot = mtunet.masks_to_classes(target[keys.MASKS], self.class_set)
+                classes.append(np.argmax(one_hot.numpy(), axis=-1).astype(np.uint8))
+                grades.append(np.full(len(images[-1]), keys.UNKNOWN, np.int32))
+            else:
+                grades.append(target.numpy().astype(np.int32))
+        if not images:
+            raise ValueError(f"{what}: no image read (expected at least one)")
+        return _Images(
+            np.concatenate(images),
+            np.concatenate(grades),
+            np.concatenate(classes) if with_masks else None,
+        )
+
+    def _common(self) -> dict:
+        # Images are read at training size as 0-255 values ("unit" * 255); augmentation,
+        # Graham and each network's own scaling are applied afterwards, in the pipeline order.
+        return dict(
+            size=self.size,
+            batch_size=self.batch,
+            normalization="unit",
+            fov_crop=self.data.fov_crop,
+            graham=False,
+            augment=False,
+            shuffle=False,
+            cache=False,
+        )
+
+    def segmentation_images(self, split: str) -> _Images:
+        """IDRiD-S images of a split whose masks annotate every class of ``class_set``."""
+        records = self.ctx.records("idrid")
+        labels = pipeline.read_labels(records, split)
+        present = mtunet.classes_annotated(labels[keys.MASK_PRESENT], self.class_set).numpy()
+        # Images with lesion masks whose classes are all annotated (not annotated != empty).
+        keep = labels[keys.MASK_PRESENT].any(axis=1) & present.all(axis=1)
+        ids = [str(i) for i in labels[keys.ID][keep]]
+        if self.data.max_examples:
+            ids = ids[: self.data.max_examples]
+        if not ids:
+            raise ValueError(
+                f"{records} split {split!r}: no image with every lesion type of class_set "
+                f"{self.class_set!r} annotated (IDRiD-S images were expected)"
+            )
+        ds = pipeline.segmentation_dataset(records, split, ids=ids, **self._common())
+        return self._read(ds, with_masks=True, what=f"{records} split {split!r} (IDRiD-S)")
+
+    def grading_images(self, dataset: str, split: str, ids=None) -> _Images:
+        records = self.ctx.records(dataset)
+        ds = pipeline.grading_dataset(
+            records,
+            split,
+            ids=ids,
+            num_classes=keys.NUM_GRADES,
+            max_examples=self.data.max_examples if ids is None else 0,
+            **self._common(),
+        )
+        images = self._read(
+            ds, with_masks=False, what=f"{records} split {split!r} (graded images 0-4)"
+        )
+        missing = sorted(set(range(keys.NUM_GRADES)) - set(images.grades.tolist()))
+        if ids is None and missing:
+            log.warning(
+                "%s %s has no image of grade(s) %s: their ROC AUC is undefined (NaN)",
+                dataset,
+                split,
+                missing,
+            )
+        return images
+
+    def balanced_grading_set(self) -> Dict[str, List[str]]:
+        records = self.ctx.records(self.method.grading_set)
+        labels = {}
+        for split in self.method.grading_splits:
+            try:
+                split_labels = pipeline.read_labels(records, split)
+            except FileNotFoundError as err:
+                # e.g. EyePACS converted without retinopathy_solution.csv has no val split
+                log.warning("%s: split %r skipped: %s", self.method.grading_set, split, err)
+                continue
+            if self.data.max_examples:
+                split_labels = {k: v[: self.data.max_examples] for k, v in split_labels.items()}
+            labels[split] = split_labels
+        return balanced_grading_ids(
+            labels, max_per_grade=self.method.max_per_grade, seed=self.config.seed
+        )
+
+    def stream(
+        self,
+        source: tf.data.Dataset,
+        count: int,
+        *,
+        kind: str,
+        mode: str,
+        seed: int,
+        parse=None,
+    ):
+        """Augmented training batches from ``(image uint8, classes uint8, grade)`` elements.
+
+        ``kind``: ``"seg"`` (targets ``seg_probs``), ``"grade"`` (``grade_probs``) or
+        ``"multitask"`` (both). Every network of a table gets the same ``seed``, hence the same
+        images, order and augmentation draws; only the input scaling ``mode`` differs.
+        ``parse`` turns ``source`` elements (e.g. serialized records, shuffled before decoding
+        so the shuffle buffer stays small) into such triples.
+        """
+        num_classes = self.num_classes
+        augment, graham = self.data.augment, self.data.graham
+        base = tf.constant(seed, tf.int64)
+
+        @tf.autograph.experimental.do_not_convert
+        def element(index, example):
+            image, classes, grade = example
+            image = tf.cast(image, tf.float32)
+            classes = classes[..., None]
+            if augment:
+                image, classes = aug.augment(
+                    image, classes, seed=tf.stack([base, index]), params=MTUNET_AUGMENT
+                )
+            image = tf.ensure_shape(image, self.shape)
+            if graham:
+                image = preprocess.graham(image)
+            targets = {}
+            if kind in ("seg", "multitask"):
+                targets[keys.SEG_PROBS] = tf.one_hot(
+                    tf.cast(classes[..., 0], tf.int32), num_classes, dtype=tf.float32
+                )
+            if kind in ("grade", "multitask"):
+                targets[keys.GRADE_PROBS] = grade
+            return _network_input(image, mode), targets
+
+        ds = source.shuffle(max(1, min(count, 2048)), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.repeat()
+        if parse is not None:
+            ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.enumerate().map(element, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(self.batch).prefetch(tf.data.AUTOTUNE)
+        return ds.with_options(pipeline.distribution_options())
+
+    # -------------------------------------------------------------------------- models
+
+    def build(self, name: str, seed: int, builder) -> keras.Model:
+        tf.keras.utils.set_random_seed(_stage_seed(seed, name))
+        with self.ctx.strategy.scope():
+            return builder()
+
+    def vgg16_unet(self, variant: Optional[str], seed: int) -> keras.Model:
+        """MTUnet (variant C), variant A or B, or (``None``) its single-task VGG16-UNet."""
+        model_cfg = self.config.model
+        # One seed for the whole family: the layers the networks share start from the same
+        # weights, so single- vs multi-task (and variant) comparisons are paired on the init.
+        if variant is None:
+            return self.build(
+                "vgg16_unet",
+                seed,
+                lambda: mtunet.build_vgg16_unet(
+                    input_shape=self.shape,
+                    num_seg_classes=self.num_classes,
+                    num_grades=None,
+                    encoder_weights=model_cfg.encoder_weights,
+                    width=model_cfg.width,
+                    name="initial_segmenter",
+                ),
+            )
+        return self.build(
+            "vgg16_unet",
+            seed,
+            lambda: mtunet.build_mtunet(
+                input_shape=self.shape,
+                variant=variant,
+                class_set=self.class_set,
+                num_grades=model_cfg.num_grades,
+                encoder_weights=model_cfg.encoder_weights,
+                width=model_cfg.width,
+                dropout=model_cfg.dropout,
+            ),
+        )
+
+    def segmenter(self, name: str, seed: int) -> keras.Model:
+        width = self.config.model.width
+
+        def scaled(filters):
+            return blocks.scaled_filters(filters, width)
+
+        # Decoders narrowed by model.width like MTUnet's (the libraries' default filter counts
+        # times the width); pretrained encoders keep their widths.
+        options = {
+            "unet": dict(
+                backbone=self.method.segmenter_backbone,
+                decoder_filters=tuple(scaled(f) for f in (256, 128, 64, 32, 16)),
+            ),
+            "linknet": dict(backbone=self.method.segmenter_backbone),
+            "fpn": dict(backbone=self.method.segmenter_backbone, pyramid_block_filters=scaled(256)),
+            "deeplabv3plus": dict(
+                backbone=self.method.deeplab_backbone,
+                width=width,
+                aspp_filters=scaled(256),
+                projection_filters=scaled(48),
+                head_filters=scaled(256),
+            ),
+        }[name]
+        return self.build(
+            name,
+            seed,
+            lambda: baselines.build_segmenter(
+                name,
+                input_shape=self.shape,
+                num_classes=self.num_classes,
+                activation="softmax",
+                encoder_weights=self.config.model.encoder_weights,
+                **options,
+            ),
+        )
+
+    def segmenter_family(self, name: str) -> str:
+        return "deeplab" if name == "deeplabv3plus" else self.method.segmenter_backbone
+
+    def grader(self, row: str, name: str, seed: int) -> keras.Model:
+        model_cfg = self.config.model
+        if name == VGG16_GRADER:
+
+            def builder():
+                inputs = keras.Input(self.shape, name=keys.IMAGE)
+                _, bottom = blocks.vgg16_encoder(inputs, width=model_cfg.width)
+                head = blocks.grading_head(
+                    bottom, num_grades=model_cfg.num_grades, pooling="avg", dropout=0.0
+                )
+                return keras.Model(inputs, head, name="vgg16_grader")
+
+        else:
+
+            def builder():
+                return baselines.build_grader(
+                    name,
+                    input_shape=self.shape,
+                    num_grades=model_cfg.num_grades,
+                    encoder_weights=model_cfg.encoder_weights,
+                    dropout=model_cfg.dropout,
+                )
+
+        return self.build(f"grader_{row}", seed, builder)
+
+    def optimizer(self):
+        return build_optimizer(self.config.optimizers["model"])
+
+    def compile_seg(self, model: keras.Model) -> None:
+        with self.ctx.strategy.scope():
+            model.compile(
+                optimizer=self.optimizer(),
+                loss={keys.SEG_PROBS: mtunet.PixelBinaryCrossentropy(name="seg_loss")},
+                run_eagerly=self.method.run_eagerly,
+            )
+
+    def compile_grader(self, model: keras.Model) -> None:
+        with self.ctx.strategy.scope():
+            model.compile(
+                optimizer=self.optimizer(),
+                loss={keys.GRADE_PROBS: keras.losses.SparseCategoricalCrossentropy()},
+                run_eagerly=self.method.run_eagerly,
+            )
+
+    def compile_multitask(self, model: keras.Model) -> None:
+        with self.ctx.strategy.scope():
+            mtunet.compile_mtunet(
+                model,
+                alpha=self.method.alpha,
+                optimizer=self.optimizer(),
+                run_eagerly=self.method.run_eagerly,
+            )
+
+    def compile_step(self, model: keras.Model, step: int) -> None:
+        with self.ctx.strategy.scope():
+            mtunet.compile_two_step(
+                model, step=step, optimizer=self.optimizer(), run_eagerly=self.method.run_eagerly
+            )
+
+    def fit(self, model, data, stage: str, count: int, epochs: int) -> None:
+        self.ctx.fit(model, data, stage=stage, epochs=epochs, steps_per_epoch=self._steps(count))
+
+    # -------------------------------------------------------------------------- prediction
+
+    def outputs(self, model: keras.Model, images: np.ndarray, mode: str, key: str) -> np.ndarray:
+        """``model``'s output ``key`` on uint8 images, in batches of ``data.batch_size``."""
+        parts = []
+        for start in range(0, len(images), self.batch):
+            x = tf.constant(images[start : start + self.batch], tf.float32)
+            if self.data.graham:
+                x = preprocess.graham(x)
+            x = _network_input(x, mode)
+            out = model(x, training=False) if self.method.run_eagerly else model.predict_on_batch(x)
+            parts.append(np.asarray(out[key]))
+        return np.concatenate(parts)
+
+    def predict_classes(self, model, images: _Images, mode: str) -> np.ndarray:
+        probs = self.outputs(model, images.images, mode, keys.SEG_PROBS)
+        return np.argmax(probs, axis=-1).astype(np.uint8)
+
+    def dice(self, model, images: _Images, mode: str) -> Tuple[Dict[str, float], np.ndarray]:
+        """Pooled red / yellow Dice in percent, and the predicted class maps."""
+        pred = self.predict_classes(model, images, mode)
+        scores = lesion_group_dice(pred, images.classes, self.class_set)
+        return {k: 100.0 * v for k, v in scores.items()}, pred
+
+    def roc(self, model, images: _Images, mode: str) -> np.ndarray:
+        """One-vs-rest ROC AUC per grade in percent, ``[5]`` (Tables 3-4)."""
+        probs = self.outputs(model, images.images, mode, keys.GRADE_PROBS)
+        return 100.0 * metrics.one_vs_rest_auc(images.grades, probs)
+
+    # -------------------------------------------------------------------------- stages
+
+    def write_pseudo_set(self, segmenter, mode: str, path: pathlib.Path, selection) -> int:
+        """Fig. 7: pseudo masks for the balanced image-level set, written as TFRecords.
+
+        Returns the number of images written.
+        """
+        records = self.ctx.records(self.method.grading_set)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        count = 0
+        pixels = np.zeros(self.num_classes, np.int64)
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for split, ids in sorted(selection.items()):
+                ds = pipeline.grading_dataset(
+                    records, split, ids=ids, num_classes=keys.NUM_GRADES, **self._common()
+                )
+                for image, grade in ds:
+                    raw = np.round(image.numpy() * 255.0).astype(np.uint8)
+                    probs = self.outputs(segmenter, raw, mode, keys.SEG_PROBS)
+                    masks = pseudo_masks_from_probs(probs, grade, class_set=self.class_set)
+                    classes = np.argmax(masks.numpy(), axis=-1).astype(np.uint8)
+                    pixels += np.bincount(classes.ravel(), minlength=self.num_classes)
+                    for k in range(len(raw)):
+                        feature = {
+                            keys.IMAGE: tf.train.Feature(
+                                bytes_list=tf.train.BytesList(value=[_png(raw[k])])
+                            ),
+                            "classes": tf.train.Feature(
+                                bytes_list=tf.train.BytesList(value=[_png(classes[k][..., None])])
+                            ),
+                            keys.GRADE: tf.train.Feature(
+                                int64_list=tf.train.Int64List(value=[int(grade[k])])
+                            ),
+                        }
+                        example = tf.train.Example(features=tf.train.Features(feature=feature))
+                        writer.write(example.SerializeToString())
+                        count += 1
+        tmp.replace(path)
+        shares = ", ".join(
+            f"{name} {100.0 * n / max(pixels.sum(), 1):.2f} %"
+            for name, n in zip(self.class_names, pixels)
+        )
+        log.info("pseudo masks of %d images in %s: pixels %s", count, path, shares)
+        return count
+
+    @staticmethod
+    def memory_source(images: _Images, grades: Optional[np.ndarray] = None) -> tf.data.Dataset:
+        grades = images.grades if grades is None else np.asarray(grades, np.int32)
+        return tf.data.Dataset.from_tensor_slices((images.images, images.classes, grades))
+
+    def kaggle_stream(self, path: pathlib.Path, count: int, kind: str, mode: str, *, seed: int):
+        """The EyePACS-stage stream over the pseudo-labelled set (same for every network)."""
+        return self.stream(
+            tf.data.TFRecordDataset(str(path)),
+            count,
+            kind=kind,
+            mode=mode,
+            seed=seed + 7919,
+            parse=_parse_pseudo,
+        )
+
+    @staticmethod
+    def release() -> None:
+        """Free the last network (call once it is unreachable): large graders in turn."""
+        gc.collect()
+        tf.keras.backend.clear_session()
+
+    # -------------------------------------------------------------------------- trainings
+    # Each builds, trains and evaluates one network and returns only numbers, so the network
+    # is unreachable when it returns and release() frees it.
+
+    def initial_segmenter(self, seg_train, seg_test, pseudo_path, selection, seed, tag):
+        """Fig. 7 (a)-(b): returns (Dice %, predicted test classes, pseudo-labelled count)."""
+        mode = self._input_mode("mtunet")
+        model = self.vgg16_unet(None, seed)
+        self.compile_seg(model)
+        stream = self.stream(
+            self.memory_source(seg_train), len(seg_train), kind="seg", mode=mode, seed=seed
+        )
+        self.fit(model, stream, f"{tag}_initial_segmenter", len(seg_train), self.seg_epochs)
+        scores, pred = self.dice(model, seg_test, mode)
+        written = self.write_pseudo_set(model, mode, pseudo_path, selection)
+        return scores, pred, written
+
+    def variant(self, variant, kaggle, count, tests, seed, tag, *, grade_images, export):
+        """Table 1 (and, for C, Tables 3-4): one variant trained on the pseudo-labelled set.
+
+        Returns ``{"dice", "roc"}`` (Table 1 aggregates), ``"auc"`` / ``"auc_external"``
+        (per grade) and, with ``grade_images``, their predicted ``"grades"``.
+        """
+        seg_test, idrid_test, external_test = tests
+        mode = self._input_mode("mtunet")
+        model = self.vgg16_unet(variant, seed)
+        stage = f"{tag}_variant_{variant.lower()}"
+        if variant == "B":
+            # Two steps (Fig. 3): the segmenter on the masks, then the grader on the grades.
+            self.compile_step(model, 1)
+            self.fit(model, kaggle("seg", mode), f"{stage}_step1", count, self.epochs)
+            self.compile_step(model, 2)
+            self.fit(model, kaggle("grade", mode), f"{stage}_step2", count, self.epochs)
+        else:
+            self.compile_multitask(model)
+            self.fit(model, kaggle("multitask", mode), stage, count, self.epochs)
+        scores, _ = self.dice(model, seg_test, mode)
+        auc = self.roc(model, idrid_test, mode)
+        result = {
+            "dice": float(np.mean(list(scores.values()))),
+            "roc": float(np.nanmean(auc)),
+            "auc": auc,
+            "auc_external": self.roc(model, external_test, mode),
+        }
+        if grade_images is not None:
+            probs = self.outputs(model, grade_images.images, mode, keys.GRADE_PROBS)
+            result["grades"] = np.argmax(probs, axis=-1).astype(np.int32)
+        if export:
+            self.export(model, mode)
+        return result
+
+    def grader_run(self, row, name, kaggle, count, tests, seed, tag):
+        """Tables 3-4: one grader; returns its per-grade AUCs (IDRiD-D, external set)."""
+        _, idrid_test, external_test = tests
+        mode = self._input_mode(name)
+        model = self.grader(row, name, seed)
+        self.compile_grader(model)
+        self.fit(model, kaggle("grade", mode), f"{tag}_grader_{_slug(row)}", count, self.epochs)
+        return self.roc(model, idrid_test, mode), self.roc(model, external_test, mode)
+
+    def segmenter_run(self, row, name, seg_train, seg_test, pseudo_grades, seed, tag):
+        """Table 2: a baseline (``name``) or, for ``name=None``, MTUNet with pseudo grades."""
+        if name is None:
+            mode = self._input_mode("mtunet")
+            model = self.vgg16_unet("C", seed)
+            self.compile_multitask(model)
+            source, kind = self.memory_source(seg_train, pseudo_grades), "multitask"
+        else:
+            mode = self._input_mode(self.segmenter_family(name))
+            model = self.segmenter(name, seed)
+            self.compile_seg(model)
+            source, kind = self.memory_source(seg_train), "seg"
+        stream = self.stream(source, len(seg_train), kind=kind, mode=mode, seed=seed)
+        stage = f"{tag}_{_slug(row)}" if name else f"{tag}_mtunet_idrid_s"
+        self.fit(model, stream, stage, len(seg_train), self.seg_epochs)
+        return self.dice(model, seg_test, mode)
+
+    def export(self, model: keras.Model, mode: str) -> None:
+        """``export/mtunet``: serving signatures with this run's preprocessing, reload-checked."""
+        export_model(
+            model,
+            self.ctx.export_dir / "mtunet",
+            image_size=self.size,
+            preprocess={
+                "fov_crop": self.data.fov_crop,
+                "graham": self.data.graham,
+                "normalization": mode,
+            },
+            output_names=[keys.GRADE_PROBS, keys.SEG_PROBS],
+            channels={keys.SEG_PROBS: mtunet.CLASS_SETS[self.class_set]},
+        )
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+_GROUP_COLORS = {RED: (0.95, 0.1, 0.1), YELLOW: (1.0, 0.9, 0.1)}
+_DISC_COLOR = (0.6, 0.2, 0.85)
+
+
+def _class_colors(class_set: str) -> Dict[int, Tuple[float, float, float]]:
+    colors = {}
+    groups = _class_groups(class_set)
+    for group, members in groups.items():
+        for index in members:
+            colors[index] = _GROUP_COLORS[group]
+    for index, (_, sources) in enumerate(mtunet.CLASS_SETS[class_set]):
+        if tuple(sources) == ("OD",):
+            colors[index] = _DISC_COLOR
+    return colors
+
+
+def _paint(image: np.ndarray, classes: np.ndarray, class_set: str, alpha: float = 0.75):
+    out = _display_image(image).copy()
+    for index, color in _class_colors(class_set).items():
+        where = classes == index
+        out[where] = (1 - alpha) * out[where] + alpha * np.asarray(color, np.float32)
+    return out
+
+
+def plot_segmentation_comparison(
+    images, truths, predictions: Mapping[str, np.ndarray], path, *, class_set: str, title: str
+):
+    """Fig. 6 of Foo et al. 2020: each image, its ground truth and every network's prediction.
+
+    Red lesions are painted red, yellow lesions yellow, the optic disc purple.
+
+    Args:
+        images: uint8 ``[N, S, S, 3]``.
+        truths: ``[N, S, S]`` true class indices of ``class_set``.
+        predictions: ``{network name: [N, S, S] predicted class indices}``, in column order.
+        path: output PNG (``2.2 * (2 + networks)`` by ``2.4 * N`` inches).
+        class_set: the class set of the indices.
+        title: figure title.
+
+    Example::
+
+        plot_segmentation_comparison(x, y, {"UNet": p_unet, "MTUNet": p_mt}, "fig6.png",
+                                     class_set="red_yellow_od", title="IDRiD-S test")
+    """
+    images, truths = np.asarray(images), np.asarray(truths)
+    columns = [("image", None), ("ground truth", truths)] + [
+        (name, np.asarray(pred)) for name, pred in predictions.items()
+    ]
+    rows = len(images)
+    fig = _new_figure((2.2 * len(columns), 2.4 * rows + 0.6))
+    for r in range(rows):
+        for c, (name, classes) in enumerate(columns):
+            ax = fig.add_subplot(rows, len(columns), r * len(columns) + c + 1)
+            shown = images[r] if classes is None else _paint(images[r], classes[r], class_set)
+            ax.imshow(_display_image(shown))
+            if r == 0:
+                ax.set_title(name, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.04, hspace=0.06)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------ the experiment
+
+
+def _run_seed(config: Config, run: int) -> int:
+    return int(config.seed) + run
+
+
+class MTUnetExperiment(Experiment):
+    """Foo et al. 2020 (AAAI): Tables 1-4, Fig. 6 and the exported MTUnet (module docstring)."""
+
+    name = "mtunet"
+    title = "MTUnet: multi-task DR grading and lesion segmentation (Foo et al. 2020)"
+    presets = {"smoke": SMOKE, "paper": PAPER}
+
+    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
+        r = _Run(ctx)
+        config, method = ctx.config, ctx.config.method
+        runs = int(config.train.runs)
+        seg_train = r.segmentation_images("train")
+        seg_test = r.segmentation_images("test")
+        idrid_test = r.grading_images("idrid", "test")
+        external_test = r.grading_images(method.external, method.external_split)
+        selection = r.balanced_grading_set()
+        pseudo_count = sum(len(v) for v in selection.values())
+        log.info(
+            "IDRiD-S train %d / test %d images, IDRiD-D test %d, %s %s %d, balanced %s %d",
+            len(seg_train),
+            len(seg_test),
+            len(idrid_test),
+            method.external,
+            method.external_split,
+            len(external_test),
+            method.grading_set,
+            pseudo_count,
+        )
+
+        dice: Dict[str, List[Dict[str, float]]] = {}
+        variant_scores: Dict[str, List[Tuple[float, float]]] = {}
+        roc_idrid: Dict[str, List[np.ndarray]] = {}
+        roc_external: Dict[str, List[np.ndarray]] = {}
+        figure: Dict[str, np.ndarray] = {}
+        shown = min(int(method.figure_images), len(seg_test))
+        tests = (seg_test, idrid_test, external_test)
+
+        for run in range(runs):
+            seed, tag = _run_seed(config, run), f"run{run}"
+
+            # Fig. 7 (a), (b): the initial segmenter on IDRiD-S train, then pseudo masks.
+            pseudo_path = r.pseudo_dir / f"{tag}.tfrecord"
+            scores, pred, written = r.initial_segmenter(
+                seg_train, seg_test, pseudo_path, selection, seed, tag
+            )
+            r.release()
+            dice.setdefault(SINGLE_TASK_ROW, []).append(scores)
+            if run == 0:
+                figure["VGG16-UNet (single task)"] = pred[:shown]
+            kaggle = functools.partial(r.kaggle_stream, pseudo_path, written, seed=seed)
+
+            # Fig. 7 (c), Table 1 and the MTUnet of Tables 3-4: the variants.
+            pseudo_grades = None
+            for row, variant in VARIANT_ROWS.items():
+                result = r.variant(
+                    variant,
+                    kaggle,
+                    written,
+                    tests,
+                    seed,
+                    tag,
+                    grade_images=seg_train if variant == "C" else None,
+                    export=variant == "C" and run == 0 and ctx.is_chief,
+                )
+                r.release()
+                variant_scores.setdefault(row, []).append((result["dice"], result["roc"]))
+                if variant == "C":
+                    roc_idrid.setdefault(MTUNET_GRADING_ROW, []).append(result["auc"])
+                    roc_external.setdefault(MTUNET_GRADING_ROW, []).append(result["auc_external"])
+                    pseudo_grades = result["grades"]
+
+            # Tables 3-4: the graders on the same balanced images and steps.
+            for row, name in zip(GRADER_ROWS, method.graders):
+                auc, auc_external = r.grader_run(row, name, kaggle, written, tests, seed, tag)
+                r.release()
+                roc_idrid.setdefault(row, []).append(auc)
+                roc_external.setdefault(row, []).append(auc_external)
+
+            # Table 2: single-task baselines and MTUNet (pseudo grades) on IDRiD-S train.
+            for row, name in list(SEGMENTER_ROWS.items()) + [(MTUNET_T2_ROW, None)]:
+                scores, pred = r.segmenter_run(
+                    row, name, seg_train, seg_test, pseudo_grades, seed, tag
+                )
+                r.release()
+                dice.setdefault(row, []).append(scores)
+                if run == 0:
+                    figure[row] = pred[:shown]
+
+        tables = self._tables(
+            r,
+            dice,
+            variant_scores,
+            roc_idrid,
+            roc_external,
+            seg_test,
+            idrid_test,
+            external_test,
+            selection,
+        )
+        self._figures(r, seg_test, figure, shown)
+        self._compare(r, dice)
+        return tables
+
+    # -------------------------------------------------------------------------- outputs
+
+    def _tables(
+        self, r, dice, variant_scores, roc_idrid, roc_external, seg_test, idrid_test, ext, sel
+    ):
+        config, method = r.config, r.method
+        summary = run_config_summary(config)
+        runs = int(config.train.runs)
+        budget = (
+            f"EyePACS stage: {sum(map(len, sel.values()))} balanced images, {config.train.epochs}"
+            f" epoch(s); IDRiD-S stage: {method.seg_epochs} epoch(s)"
+        )
+        t1 = ResultsTable(
+            "table1",
+            "Table 1: MTUnet variants; Dice = mean of pooled red and yellow Dice on IDRiD-S test, "
+            f"ROC = mean one-vs-rest AUC over 5 grades on IDRiD-D test ({summary}; {budget})",
+            [DICE, ROC],
+            row_header="Network",
+            paper=PAPER_TABLE1,
+            digits=2,
+        )
+        for row, values in variant_scores.items():
+            t1.add(row, DICE, [v[0] for v in values])
+            t1.add(row, ROC, [v[1] for v in values])
+
+        seg_note = (
+            f"UNet/LinkNet/Feature Pyramid encoder {method.segmenter_backbone}; DeepLabv3 row: "
+            f"keras-cv DeepLabV3+ on {method.deeplab_backbone}"
+        )
+        t2 = dice_table(
+            dice,
+            title=f"Table 2: Dice (%) pooled over IDRiD-S test ({len(seg_test)} images), "
+            f"mean ± std over {runs} run(s); {seg_note}; the paper finds MTUNet > LinkNet "
+            f"significant at 10 % (paired t-test) ({summary}; {budget})",
+        )
+
+        substitutes = [
+            f"{row} = {name}"
+            for row, name in zip(GRADER_ROWS, method.graders)
+            if name not in _ROW_ARCHITECTURES[row] or name == "nasnet_mobile"
+        ]
+        grader_note = "graders: " + (", ".join(substitutes) if substitutes else "as in the paper")
+        tables = [t1, t2]
+        for name, paper, results, test, where in (
+            ("table3", PAPER_TABLE3, roc_idrid, idrid_test, "IDRiD-D test"),
+            (
+                "table4",
+                PAPER_TABLE4,
+                roc_external,
+                ext,
+                f"{method.external} {method.external_split} (instead of the private SiDRP14-15)",
+            ),
+        ):
+            counts = np.bincount(test.grades[test.grades >= 0], minlength=keys.NUM_GRADES)
+            table = ResultsTable(
+                name,
+                f"Table {name[-1]}: one-vs-rest ROC AUC (%) per DR level on {where}, "
+                f"{len(test)} images (per grade {counts.tolist()}), mean ± std over {runs} "
+                f"run(s); trained on the balanced {method.grading_set} set; {grader_note} "
+                f"({summary}; {budget})",
+                list(GRADE_COLUMNS),
+                row_header="Network",
+                paper={
+                    row: dict(zip(GRADE_COLUMNS, (v[0] for v in cells)))
+                    for row, cells in paper.items()
+                },
+                digits=2,
+            )
+            for row in list(GRADER_ROWS) + [MTUNET_GRADING_ROW]:
+                values = np.stack(results[row])
+                for k, column in enumerate(GRADE_COLUMNS):
+                    table.add(row, column, values[:, k])
+            tables.append(table)
+        return tables
+
+    def _figures(self, r: _Run, seg_test: _Images, figure, shown: int) -> None:
+        if shown:
+            path = plot_segmentation_comparison(
+                seg_test.images[:shown],
+                seg_test.classes[:shown],
+                figure,
+                r.ctx.out_dir / "fig6_segmentation.png",
+                class_set=r.class_set,
+                title="Fig. 6: IDRiD-S test, run 0 (red: red lesions, yellow: yellow lesions, "
+                "purple: optic disc)",
+            )
+            log.info("Fig. 6 written to %s", path)
+        if r.ctx.history_path.is_file():
+            plot_history(r.ctx.history_path, r.ctx.out_dir / "history.png")
+
+    def _compare(self, r: _Run, dice) -> dict:
+        """Item 5 of the reproduction: is MTUNet's lesion Dice not worse than single-task
+        UNet's at equal budget? Printed, and saved as ``comparison.json``."""
+
+        def summary(row):
+            out = {}
+            for column in (RED, YELLOW):
+                values = [s[column] for s in dice[row]]
+                mean, std = metrics.mean_std(values)
+                out[column] = {"mean": mean, "std": std, "runs": values}
+            out["lesion mean"] = float(np.mean([out[c]["mean"] for c in (RED, YELLOW)]))
+            return out
+
+        rows = {row: summary(row) for row in (MTUNET_T2_ROW, "UNet", SINGLE_TASK_ROW)}
+        mt = rows[MTUNET_T2_ROW]["lesion mean"]
+        verdicts = {
+            row: ("not worse" if mt >= rows[row]["lesion mean"] else "worse")
+            for row in ("UNet", SINGLE_TASK_ROW)
+        }
+        result = {
+            "data": r.data.source,
+            "runs": int(r.config.train.runs),
+            "budget": f"{r.method.seg_epochs} epoch(s) on IDRiD-S train, batch {r.batch}, "
+            f"{r.size} px",
+            "dice_percent": rows,
+            "mtunet_vs": verdicts,
+        }
+        (r.ctx.out_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+
+        def fmt(row, column):
+            cell = rows[row][column]
+            std = "" if math.isnan(cell["std"]) else f" ± {cell['std']:.2f}"
+            return f"{cell['mean']:.2f}{std}"
+
+        lines = [
+            "",
+            f"MTUnet vs single-task UNet at equal budget ({result['budget']}; pooled Dice % on "
+            f"IDRiD-S test, mean ± std over {result['runs']} run(s), data={r.data.source}):",
+        ]
+        for column in (RED, YELLOW):
+            lines.append(
+                f"  {column:15s} MTUNet {fmt(MTUNET_T2_ROW, column)} | UNet "
+                f"{fmt('UNet', column)} | VGG16-UNet single task {fmt(SINGLE_TASK_ROW, column)}"
+            )
+        for row, verdict in verdicts.items():
+            lines.append(
+                f"  MTUNet's lesion Dice (mean of red and yellow, {mt:.2f}) is {verdict} than "
+                f"{row}'s ({rows[row]['lesion mean']:.2f})"
+            )
+        print("\n".join(lines))
+        return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(MTUnetExperiment()))

@@ -1,0 +1,261 @@
+"""The PLDMLT experiment: fold splits, the mDice/mIoU reading, presets and one tiny full run.
+
+The full run replaces the four grading networks (ResNeXt-101/50, NASNet, DenseNet-201) by a
+small CNN with the same contract as ``drkeras.models.baselines.build_grader`` (input
+``image``, outputs ``grade_logits``/``grade_probs``, a 4-D feature map for Grad-CAM): building
+and stepping the real ones eagerly takes minutes on 2 CPU cores. The test checks that the
+experiment asks for exactly the paper's graders; the real networks are tested in
+``tests/test_baselines.py`` and run in ``make reproduce``. Every other network is the real one.
+"""
+
+import csv
+import math
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score, jaccard_score
+from tensorflow import keras
+
+import experiments.pldmlt as pldmlt_experiment
+from drkeras import keys
+from drkeras.cam_figure import plot_class_cams
+from drkeras.config import resolve_preset
+from drkeras.data.pipeline import kfold_split
+from drkeras.export import load_exported
+from drkeras.models import blocks
+from drkeras.models.pldmlt import FUSED_CLASSES
+from experiments.pldmlt import (
+    PAPER_ABLATION,
+    PAPER_ACCURACY,
+    PAPER_SEGMENTATION,
+    PLDMLT,
+    FusedSegmentationScore,
+    SegSource,
+    main,
+    split_sources,
+)
+
+MA, HE, EX, SE, OD = range(5)
+
+
+def _sources():
+    return [
+        SegSource(pathlib.Path("a"), "train", tuple(f"a-train-{i}" for i in range(7))),
+        SegSource(pathlib.Path("a"), "test", tuple(f"a-test-{i}" for i in range(3))),
+        SegSource(pathlib.Path("b"), "train", tuple(f"b-train-{i}" for i in range(5))),
+        SegSource(pathlib.Path("b"), "val", ()),
+    ]
+
+
+def test_official_split_trains_on_train_and_tests_on_test():
+    train, test = split_sources(_sources(), folds=1)
+    assert [(str(s.records_dir), s.split, len(s.ids)) for s in train] == [
+        ("a", "train", 7),
+        ("b", "train", 5),
+    ]
+    assert [(str(s.records_dir), s.split, len(s.ids)) for s in test] == [("a", "test", 3)]
+
+
+def test_kfold_split_partitions_pooled_images_and_keeps_pipeline_order():
+    sources = _sources()
+    every = [i for s in sources for i in s.ids]
+    grades = {i: k % 3 for k, i in enumerate(every)}
+    held_out = []
+    for fold in range(3):
+        train, test = split_sources(sources, folds=3, fold=fold, seed=4, grades=grades)
+        train_ids = [i for s in train for i in s.ids]
+        test_ids = [i for s in test for i in s.ids]
+        assert not set(train_ids) & set(test_ids)
+        assert sorted(train_ids + test_ids) == sorted(every)
+        assert len(test_ids) == 5  # 15 images in 3 folds
+        # the fold is drkeras' k-fold split of the pooled ids, stratified by the grades
+        stratify = [grades[i] for i in every]
+        assert sorted(test_ids) == kfold_split(every, 3, fold, seed=4, stratify=stratify)[1]
+        for part in train + test:
+            original = next(
+                s for s in sources if (s.records_dir, s.split) == (part.records_dir, part.split)
+            )
+            positions = [original.ids.index(i) for i in part.ids]
+            assert positions == sorted(positions)  # ids stay in pipeline (record) order
+        held_out += test_ids
+    assert sorted(held_out) == sorted(every)  # every image is held out exactly once
+    again = split_sources(sources, folds=3, fold=1, seed=4, grades=grades)
+    assert again == split_sources(sources, folds=3, fold=1, seed=4, grades=grades)
+
+
+def test_mdice_includes_background_on_a_hand_case():
+    # 2x2 image: MA at (0, 0), HE at (1, 0); the optic disc at (1, 1) is background.
+    masks = np.zeros((1, 2, 2, 5), np.uint8)
+    masks[0, 0, 0, MA] = 1
+    masks[0, 1, 0, HE] = 1
+    masks[0, 1, 1, OD] = 1
+    # Predicted classes: MA at (0, 0) and (0, 1), background at (1, 0) and (1, 1).
+    probs = np.zeros((1, 2, 2, 5), np.float32)
+    probs[0, 0, :, 1] = 0.9
+    probs[0, 1, :, 0] = 0.9
+    score = FusedSegmentationScore()
+    score.update(probs, masks, np.ones((1, 5), bool))
+    result = score.result()
+    # background: tp 1, fp 1, fn 1 -> Dice 1/2, IoU 1/3; MA: tp 1, fp 1 -> 2/3, 1/2;
+    # HE: fn 1 -> 0, 0; EX and SE: empty in both -> left out of the means.
+    assert result["mdice"] == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    assert result["miou"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
+    assert result["lesion_mdice"] == pytest.approx((2 / 3 + 0) / 2)
+    assert math.isnan(result["dice"]["EX"]) and math.isnan(result["dice"]["SE"])
+
+
+def test_mdice_matches_sklearn_macro_f1_and_jaccard_on_random_masks():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, size=(3, 8, 8))
+    masks = np.zeros((3, 8, 8, 5), np.uint8)
+    for lesion in range(4):  # fused class k + 1 is lesion k (MA, HE, EX, SE)
+        masks[..., lesion] = labels == lesion + 1
+    probs = rng.random((3, 8, 8, 5)).astype(np.float32)
+    score = FusedSegmentationScore()
+    score.update(probs[:2], masks[:2])
+    score.update(probs[2:], masks[2:])  # streaming over batches = one pooled count
+    result = score.result()
+    truth, pred = labels.ravel(), probs.argmax(-1).ravel()
+    assert result["mdice"] == pytest.approx(f1_score(truth, pred, average="macro"))
+    assert result["miou"] == pytest.approx(jaccard_score(truth, pred, average="macro"))
+    per_class = f1_score(truth, pred, average=None, labels=[1, 2, 3, 4])
+    assert result["lesion_mdice"] == pytest.approx(per_class.mean())
+
+
+def test_presets_resolve_and_the_paper_preset_is_the_papers():
+    paper = resolve_preset(PLDMLT.presets, "paper")
+    assert paper.data.image_size == 1024
+    assert paper.model.encoder_weights == "imagenet" and paper.model.width == 1.0
+    assert paper.optimizers["model"].name == "adam"
+    assert paper.optimizers["model"].learning_rate == 5e-5
+    assert paper.train.epochs == 100 and paper.train.folds == 5
+    assert (paper.method.beta_idrid, paper.method.beta_ddr) == (0.8, 0.95)
+    assert (paper.method.focal_alpha, paper.method.focal_gamma) == (0.25, 2.0)
+    assert paper.method.datasets == ("idrid", "ddr") and paper.method.use_diaretdb1
+    assert not paper.method.run_eagerly
+    smoke = resolve_preset(PLDMLT.presets, "smoke", ["method.datasets=idrid", "train.folds=2"])
+    assert smoke.method.datasets == ("idrid",) and smoke.train.folds == 2
+
+
+def _results(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def _small_grader(requested):
+    def build(name, *, input_shape, num_grades=5, encoder_weights=None, dropout=0.0, **kwargs):
+        assert encoder_weights is None
+        requested.append(name)
+        image = keras.Input(input_shape, name=keys.IMAGE)
+        x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(image)
+        x = keras.layers.Conv2D(8, 3, activation="relu", name="conv2")(x)
+        return keras.Model(
+            image,
+            blocks.grading_head(x, num_grades=num_grades, pooling="avg", dropout=dropout),
+            name=name,
+        )
+
+    return build
+
+
+def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
+    requested = []
+    monkeypatch.setattr(pldmlt_experiment, "build_grader", _small_grader(requested))
+    out = tmp_path / "run"
+    overrides = [
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.synthetic_size=64",
+        "data.synthetic_scale=0.5",
+        "train.epochs=1",
+        "train.steps_per_epoch=1",
+        "train.verbose=0",
+        "method.overlays=1",
+        "method.fig6_images=1",
+    ]
+    argv = ["--out", str(out)] + [arg for o in overrides for arg in ("--set", o)]
+    assert main(PLDMLT(), argv) == 0
+    # the paper's graders, each built once and reused (at its initial weights) for DDR
+    assert sorted(requested) == ["densenet201", "nasnet_mobile", "resnext101", "resnext50"]
+
+    rows = _results(out / "results.csv")
+    cells = {(r["table"], r["row"], r["column"]): r for r in rows}
+    expected = []
+    for number, dataset in ((1, "idrid"), (2, "ddr")):
+        for row, (dice, iou) in PAPER_SEGMENTATION[dataset].items():
+            expected += [
+                (f"table{number}_segmentation", row, "mDice (%)", dice),
+                (f"table{number}_segmentation", row, "mIoU (%)", iou),
+            ]
+        for row, accuracy in PAPER_ACCURACY[dataset].items():
+            expected.append((f"table{number}_grading", row, "Accuracy (%)", accuracy))
+    for row, (dice, iou) in PAPER_ABLATION.items():
+        expected += [
+            ("table3_ablation", row, "mDice (%)", dice),
+            ("table3_ablation", row, "mIoU (%)", iou),
+        ]
+    for table, row, column, paper in expected:
+        cell = cells[(table, row, column)]
+        assert float(cell["paper"]) == pytest.approx(paper)
+        assert 0.0 <= float(cell["ours_mean"]) <= 100.0, (table, row, column)
+    for table, row in (("table1_segmentation", "Ours"), ("table2_segmentation", "UNet")):
+        assert 0.0 <= float(cells[(table, row, "lesion mDice (%)")]["ours_mean"]) <= 100.0
+    # Table 3's "+ Weight" is the Ours run of Table 1.
+    assert (
+        cells[("table3_ablation", "+ Weight", "mDice (%)")]["ours_mean"]
+        == cells[("table1_segmentation", "Ours", "mDice (%)")]["ours_mean"]
+    )
+    # Stage 1 on synthetic IDRiD-S: 6 images (4 train + 2 test), true grades known.
+    assert float(cells[("stage1_pseudo_grades", "IDRiD-S", "images")]["ours_mean"]) == 6
+    for column in ("accuracy before refinement (%)", "accuracy after refinement (%)"):
+        assert 0.0 <= float(cells[("stage1_pseudo_grades", "IDRiD-S", column)]["ours_mean"]) <= 100
+    changed = float(
+        cells[("stage1_pseudo_grades", "IDRiD-S", "changed by refinement")]["ours_mean"]
+    )
+    assert 0 <= changed <= 6
+
+    markdown = (out / "results.md").read_text()
+    assert "DiaRetDB1 not used: it has no synthetic layout" in markdown
+    assert "background included" in markdown
+
+    exported = load_exported(out / "export" / "pldmlt")
+    images = np.random.default_rng(0).integers(0, 255, size=(2, 40, 48, 3), dtype=np.uint8)
+    outputs = exported.predict(images)
+    assert outputs[keys.GRADE_PROBS].shape == (2, 5)
+    np.testing.assert_allclose(outputs[keys.GRADE_PROBS].sum(-1), 1.0, atol=1e-5)
+    assert outputs[keys.SEG_PROBS].shape == (2, 32, 32, 5)
+    for name in ("fig6_cams.png", "training_curves.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert len(list(out.glob("overlay_*.png"))) == 1
+    with open(out / "history.csv") as handle:
+        stages = {r["stage"] for r in csv.DictReader(handle)}
+    expected_stages = {"idrid_resnext101", "idrid_deeplabv3plus", "idrid_ls_lc_updnet", "ddr_ours"}
+    assert expected_stages <= stages
+
+
+def test_fig6_figure_has_the_documented_size_and_rejects_bad_shapes(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(2, 16, 16, 3), dtype=np.uint8)
+    label_maps = rng.integers(0, 5, size=(2, 8, 8))
+    cams = rng.random((2, 5, 4, 4)).astype(np.float32)
+    path = plot_class_cams(
+        images,
+        label_maps,
+        cams,
+        tmp_path / "fig6.png",
+        label_names=FUSED_CLASSES,
+        notes=[["overlap 0.10"] * 5] * 2,
+        row_titles=["a", "b"],
+    )
+    with Image.open(path) as png:
+        assert png.size == (round(2.2 * 7 * 100), round((2.5 * 2 + 0.8) * 100))
+    with pytest.raises(ValueError, match="class_names"):
+        plot_class_cams(images, label_maps, cams[:, :4], tmp_path / "x.png", label_names="ab")
+    with pytest.raises(ValueError, match="label ids"):
+        plot_class_cams(images, label_maps + 5, cams, tmp_path / "x.png", label_names=FUSED_CLASSES)
+    with pytest.raises(ValueError, match="notes"):
+        plot_class_cams(
+            images, label_maps, cams, tmp_path / "x.png", label_names=FUSED_CLASSES, notes=[[]]
+        )
