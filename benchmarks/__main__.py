@@ -1,9 +1,9 @@
 """``python -m benchmarks --out runs/bench`` (``make bench``): every benchmark section, then
 ``bench.json`` + ``bench.md`` in ``--out`` and the markdown report on stdout.
 
-Takes about 10 minutes on an idle 2-core CPU (``--quick``: about 4, smaller sizes and fewer
-rounds, for checking that everything runs). Inputs (synthetic photographs) are written under
-``--out`` on the first run and reused afterwards.
+Takes 6-10 minutes on a 2-core CPU shared with other work (measured; the first run also
+writes the inputs, synthetic photographs under ``--out`` that later runs reuse). ``--quick``
+(smaller sizes, fewer rounds) checks that everything runs in about 4.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ SECTIONS = ("pipeline", "train", "inference", "conversion")
 
 # (full run, --quick) settings of each section
 _SETTINGS = {
-    "pipeline": (dict(n=16, rounds=3), dict(n=8, rounds=2)),
+    "pipeline": (dict(n=16, images=32, rounds=3), dict(n=8, images=16, rounds=2)),
     "train": (
         dict(sizes=(256, 512), scaling_sizes=(256, 512, 1024), rounds=3, reference_size=256),
         dict(sizes=(128, 256), scaling_sizes=(128, 256, 512), rounds=2, reference_size=128),

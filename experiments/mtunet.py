@@ -8,18 +8,21 @@ Command::
     python experiments/mtunet.py                                # --data synthetic --preset smoke
     python experiments/mtunet.py --data RECORDS --preset paper  # RECORDS/{idrid,eyepacs,messidor2}
 
-Expected runtime: smoke, about 10 minutes on 2 CPU cores shared with other jobs (measured 10 min
-24 s, 6 min 51 s of CPU; synthetic IDRiD, EyePACS and DDR layouts generated and converted; 2 runs
-of 14 networks at 96 px, 3 steps per network on EyePACS, 12 on IDRiD-S); paper, days on a
+Expected runtime: smoke, about 10 minutes on 2 CPU cores shared with other jobs (measured 9 min
+39 s wall, 6 min 20 s of CPU; synthetic IDRiD, EyePACS and DDR layouts generated and converted;
+2 runs of 14 networks at 96 px, 3 steps per network on EyePACS, 12 on IDRiD-S); paper, days on a
 multi-GPU server (3 runs x 14 networks at 512 x 512, 50 epochs; not run here).
 
 Expected result: smoke, every row of Tables 1-4 filled beside the paper's numbers, the paired
 t-test of Table 2, ``fig6_segmentation.png``, ``history.png`` and ``export/mtunet`` (reload
 checked), and, printed at the end and saved as ``comparison.json``, whether MTUnet's lesion Dice
-is not worse than single-task UNet's at equal budget. Smoke numbers are those of a few steps on
-synthetic images: lesion Dice far below the paper's, grading ROC near chance (50 %). The paper
-preset on the real data should approach Tables 1-4 (MTUnet: Dice 75.2 / 84.3 red / yellow, ROC
-84-99 % per grade on IDRiD-D).
+is not worse than single-task UNet's at equal budget. Smoke numbers are not the paper's: after
+12 steps the VGG16-UNets predict background only (red / yellow Dice 0, pseudo masks ~100 %
+background), the other segmenters' class maps are still noise (Dice 0-4 %), grading ROC is
+near chance (50 %); a longer synthetic run (40 IDRiD-S steps, 3 runs) gave Dice 0 for every
+network but UNet (0.4 %). Unweighted Eq. (1) on 96-px images with lesions of a few pixels needs
+far more steps than a CPU budget allows. The paper preset on the real data should approach
+Tables 1-4 (MTUnet: Dice 75.2 / 84.3 red / yellow, ROC 84-99 % per grade on IDRiD-D).
 
 What runs, ``train.runs`` times (seeds ``seed, seed + 1, ...``), every network from scratch:
 

@@ -259,3 +259,19 @@ def test_fig6_figure_has_the_documented_size_and_rejects_bad_shapes(tmp_path):
         plot_class_cams(
             images, label_maps, cams, tmp_path / "x.png", label_names=FUSED_CLASSES, notes=[[]]
         )
+
+
+def test_stage1_chunks_span_sources_in_order():
+    # Two pipeline batches (3 and 4 images) regrouped into a chunk of 5 and a rest of 2.
+    def part(first, count):
+        ids = [f"id{i}" for i in range(first, first + count)]
+        values = np.arange(first, first + count)
+        return ids, values[:, None], values[:, None, None], values.astype(bool)
+
+    buffer = [part(0, 3), part(3, 4)]
+    ids, images, masks, present = pldmlt_experiment._Run._merge(buffer, 5)
+    assert ids == ["id0", "id1", "id2", "id3", "id4"]
+    np.testing.assert_array_equal(images[:, 0], [0, 1, 2, 3, 4])
+    assert masks.shape == (5, 1, 1) and present.shape == (5,)
+    assert len(buffer) == 1 and buffer[0][0] == ["id5", "id6"]
+    np.testing.assert_array_equal(buffer[0][1][:, 0], [5, 6])
