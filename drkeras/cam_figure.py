@@ -22,7 +22,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
 from drkeras import keys
-from drkeras.plots import _display_image, _new_figure, _resize, _save
+from drkeras.plots import display_image, new_figure, resize_array, save_figure
 
 __all__ = ["plot_class_cams"]
 
@@ -102,11 +102,11 @@ def plot_class_cams(
     label_cmap = ListedColormap(_LABEL_COLORS[: len(label_names)])
     columns = num_classes + 2
     height = 2.5 * count + 0.8
-    fig = _new_figure((2.2 * columns, height))
+    fig = new_figure((2.2 * columns, height))
     for row in range(count):
-        image = _display_image(images[row])
+        image = display_image(images[row])
         size = image.shape[:2]
-        labels = _resize(label_maps[row].astype(np.uint8), size, cv2.INTER_NEAREST)
+        labels = resize_array(label_maps[row].astype(np.uint8), size, cv2.INTER_NEAREST)
         ax = fig.add_subplot(count, columns, row * columns + 1)
         ax.imshow(image)
         ax.set_title(row_titles[row] if row_titles else "image", fontsize=7)
@@ -116,7 +116,7 @@ def plot_class_cams(
         ax.set_title("lesion mask", fontsize=7)
         ax.axis("off")
         for c in range(num_classes):
-            heat = _resize(cams[row, c], size, cv2.INTER_LINEAR)
+            heat = resize_array(cams[row, c], size, cv2.INTER_LINEAR)
             ax = fig.add_subplot(count, columns, row * columns + 3 + c)
             ax.imshow(image)
             ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
@@ -133,4 +133,4 @@ def plot_class_cams(
     fig.subplots_adjust(
         left=0.01, right=0.99, bottom=0.4 / height, top=1 - 0.45 / height, wspace=0.05, hspace=0.4
     )
-    return _save(fig, path)
+    return save_figure(fig, path)

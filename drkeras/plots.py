@@ -31,13 +31,17 @@ from drkeras import keys
 
 __all__ = [
     "OVERLAY_COLORS",
+    "display_image",
     "error_overlay",
+    "new_figure",
     "plot_confusion_matrix",
     "plot_heatmap_overlay",
     "plot_history",
     "plot_mask_overlay",
     "plot_patch_scores",
     "plot_roc_pr",
+    "resize_array",
+    "save_figure",
 ]
 
 DPI = 100
@@ -48,20 +52,22 @@ OVERLAY_COLORS = {
 }
 
 
-def _new_figure(figsize: Tuple[float, float]):
+def new_figure(figsize: Tuple[float, float]):
+    """A headless matplotlib figure (Agg canvas, no pyplot state) at the module's DPI."""
     fig = Figure(figsize=figsize, dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig, path) -> pathlib.Path:
+def save_figure(fig, path) -> pathlib.Path:
+    """Write ``fig`` as PNG to ``path`` (parent folders created) and return the path."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=DPI)
     return path
 
 
-def _display_image(image) -> np.ndarray:
+def display_image(image) -> np.ndarray:
     """An RGB float image in [0, 1] for display (uint8, unit floats or normalised floats)."""
     image = np.asarray(image)
     if image.ndim == 2:
@@ -78,7 +84,8 @@ def _display_image(image) -> np.ndarray:
     return (image - lo) / max(hi - lo, 1e-6)
 
 
-def _resize(array: np.ndarray, size_hw: Tuple[int, int], interpolation) -> np.ndarray:
+def resize_array(array: np.ndarray, size_hw: Tuple[int, int], interpolation) -> np.ndarray:
+    """``array`` resized to ``size_hw`` with the OpenCV ``interpolation`` (unchanged if equal)."""
     h, w = size_hw
     if array.shape[:2] == (h, w):
         return array
@@ -117,7 +124,7 @@ def plot_history(history_csv, path, *, keys_to_plot: Optional[Sequence[str]] = N
         raise ValueError(f"{history_csv}: no logged values to plot")
     ncols = min(3, len(bases))
     nrows = math.ceil(len(bases) / ncols)
-    fig = _new_figure((4.0 * ncols, 3.0 * nrows))
+    fig = new_figure((4.0 * ncols, 3.0 * nrows))
     x = np.arange(1, len(frame) + 1)
     boundaries = []
     if "stage" in frame.columns:
@@ -136,7 +143,7 @@ def plot_history(history_csv, path, *, keys_to_plot: Optional[Sequence[str]] = N
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_roc_pr(curves: Mapping, path, *, title: Optional[str] = None, pr_kind: str = "ap"):
@@ -155,7 +162,7 @@ def plot_roc_pr(curves: Mapping, path, *, title: Optional[str] = None, pr_kind: 
         plot_roc_pr(per_lesion_curves, out / "roc_pr.png", title="IDRiD test")
     """
     accumulators = getattr(curves, "accumulators", curves)
-    fig = _new_figure((10.0, 4.5))
+    fig = new_figure((10.0, 4.5))
     ax_roc = fig.add_subplot(1, 2, 1)
     ax_pr = fig.add_subplot(1, 2, 2)
     for name, acc in accumulators.items():
@@ -177,7 +184,7 @@ def plot_roc_pr(curves: Mapping, path, *, title: Optional[str] = None, pr_kind: 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(
@@ -206,7 +213,7 @@ def plot_confusion_matrix(
     with np.errstate(invalid="ignore", divide="ignore"):
         rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     shown = rates if normalize else cm
-    fig = _new_figure((6.0, 5.5))
+    fig = new_figure((6.0, 5.5))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else max(cm.max(), 1))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -228,12 +235,12 @@ def plot_confusion_matrix(
     ax.set_ylabel("true")
     ax.set_title(title or f"confusion matrix (n = {int(cm.sum())})")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def error_overlay(image, pred, target, *, alpha: float = 0.7) -> np.ndarray:
     """The image (float RGB) with TP/FN/FP pixels of one binary mask painted in their colours."""
-    out = _display_image(image).copy()
+    out = display_image(image).copy()
     pred, target = np.asarray(pred, bool), np.asarray(target, bool)
     for mask, color in (
         (pred & target, OVERLAY_COLORS["true positive"]),
@@ -280,12 +287,12 @@ def plot_mask_overlay(
     c = pred.shape[-1]
     names = list(names) if names is not None else list(keys.LESIONS[:c])
     present = np.ones(c, bool) if present is None else np.asarray(present, bool)
-    img = _resize(_display_image(image), pred.shape[:2], cv2.INTER_AREA)
+    img = resize_array(display_image(image), pred.shape[:2], cv2.INTER_AREA)
     binary = pred if pred.dtype == bool else pred >= threshold
     panels = c + 1
     ncols = min(3, panels)
     nrows = math.ceil(panels / ncols)
-    fig = _new_figure((3.0 * ncols, 3.4 * nrows))
+    fig = new_figure((3.0 * ncols, 3.4 * nrows))
     ax = fig.add_subplot(nrows, ncols, 1)
     ax.imshow(img)
     ax.set_title("image", fontsize=9)
@@ -306,12 +313,12 @@ def plot_mask_overlay(
     fig.subplots_adjust(
         left=0.02, right=0.98, bottom=0.4 / height, top=1 - 0.6 / height, wspace=0.05, hspace=0.2
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _heat_panels(image, heat, path, *, alpha, title, vmin, vmax, label):
-    img = _display_image(image)
-    fig = _new_figure((8.0, 4.0))
+    img = display_image(image)
+    fig = new_figure((8.0, 4.0))
     ax = fig.add_subplot(1, 2, 1)
     ax.imshow(img)
     ax.set_title("image", fontsize=9)
@@ -325,7 +332,7 @@ def _heat_panels(image, heat, path, *, alpha, title, vmin, vmax, label):
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_heatmap_overlay(
@@ -358,8 +365,8 @@ def plot_heatmap_overlay(
         heat = heat[..., 0]
     if heat.ndim != 2:
         raise ValueError(f"plot_heatmap_overlay: expected a 2-D map, got shape {heat.shape}")
-    img = _display_image(image)
-    heat = _resize(heat, img.shape[:2], cv2.INTER_LINEAR)
+    img = display_image(image)
+    heat = resize_array(heat, img.shape[:2], cv2.INTER_LINEAR)
     if normalize:
         lo, hi = float(heat.min()), float(heat.max())
         heat = (heat - lo) / max(hi - lo, 1e-12)
@@ -396,7 +403,7 @@ def plot_patch_scores(
     scores = np.asarray(patch_scores, np.float32)
     if scores.ndim != 2:
         raise ValueError(f"plot_patch_scores: expected a [rows, cols] grid, got {scores.shape}")
-    img = _display_image(image)
+    img = display_image(image)
     h, w = img.shape[:2]
     heat = cv2.resize(scores, (w, h), interpolation=cv2.INTER_NEAREST)
     if blur > 0:

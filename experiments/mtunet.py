@@ -105,7 +105,7 @@ from drkeras.data import pipeline, preprocess  # noqa: E402
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary  # noqa: E402
 from drkeras.export import export_model  # noqa: E402
 from drkeras.models import baselines, blocks, mtunet  # noqa: E402
-from drkeras.plots import _display_image, _new_figure, _save, plot_history  # noqa: E402
+from drkeras.plots import display_image, new_figure, plot_history, save_figure  # noqa: E402
 from drkeras.pseudo_masks import pseudo_masks_from_probs  # noqa: E402
 from drkeras.results import ResultsTable  # noqa: E402
 from drkeras.training.optim import build_optimizer  # noqa: E402
@@ -1158,7 +1158,7 @@ def _class_colors(class_set: str) -> Dict[int, Tuple[float, float, float]]:
 
 
 def _paint(image: np.ndarray, classes: np.ndarray, class_set: str, alpha: float = 0.75):
-    out = _display_image(image).copy()
+    out = display_image(image).copy()
     for index, color in _class_colors(class_set).items():
         where = classes == index
         out[where] = (1 - alpha) * out[where] + alpha * np.asarray(color, np.float32)
@@ -1190,18 +1190,18 @@ def plot_segmentation_comparison(
         (name, np.asarray(pred)) for name, pred in predictions.items()
     ]
     rows = len(images)
-    fig = _new_figure((2.2 * len(columns), 2.4 * rows + 0.6))
+    fig = new_figure((2.2 * len(columns), 2.4 * rows + 0.6))
     for r in range(rows):
         for c, (name, classes) in enumerate(columns):
             ax = fig.add_subplot(rows, len(columns), r * len(columns) + c + 1)
             shown = images[r] if classes is None else _paint(images[r], classes[r], class_set)
-            ax.imshow(_display_image(shown))
+            ax.imshow(display_image(shown))
             if r == 0:
                 ax.set_title(name, fontsize=8)
             ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.04, hspace=0.06)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------ the experiment
