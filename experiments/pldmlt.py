@@ -7,9 +7,11 @@ Command (``make reproduce`` runs the first one)::
     python experiments/pldmlt.py                              # --data synthetic --preset smoke
     python experiments/pldmlt.py --data RECORDS --preset paper   # RECORDS/{idrid,ddr,diaretdb1}
 
-Expected runtime: smoke, 5-7 minutes on 2 CPU cores (measured: 7.0 min wall, 4.6 min of CPU,
-with another experiment running beside it; synthetic IDRiD and DDR layouts generated and
-converted, 23 training stages of 3 steps at 64 px, the graders run eagerly); paper, GPU days
+Expected runtime: smoke, 4-7 minutes on 2 CPU cores (measured: ``make reproduce`` from a fresh
+clone, 4.0 min wall on a quiet 2-core VM, 7.0 min with another experiment beside it; synthetic
+IDRiD and DDR layouts generated and converted, 23 training stages of 3 steps at 64 px, the
+graders run eagerly; the run directory takes 3.1 GB, mostly the resumable checkpoints of the
+full-width ResNeXt graders); paper, GPU days
 (four graders per dataset, then 9 (IDRiD) and 6 (DDR) pixel-level rows per fold, each 100
 epochs at 1024 x 1024, five folds; not run here).
 
