@@ -412,3 +412,62 @@ def plot_patch_scores(
     return _heat_panels(
         img, heat, path, alpha=alpha, title=title, vmin=vmin, vmax=vmax, label="patch scores"
     )
+
+
+def plot_roc_pr_comparison(
+    curves_by_method: Mapping,
+    path,
+    *,
+    title: Optional[str] = None,
+    pr_kind: str = "ap",
+):
+    """ROC (top row) and precision-recall (bottom row) curves per lesion, methods overlaid.
+
+    Zhou et al. 2019, Fig. 5: one column per lesion, one line per method, AUCs in the legends.
+    Lesions without positive or negative pixels are left blank. Figure ``3.2 * lesions`` x 6.4
+    inches.
+
+    Args:
+        curves_by_method: ``{method: PerLesionCurves}`` (or ``{method: {lesion:
+            PixelCurveAccumulator}}``); lesions are the first method's, in its order.
+        path: output PNG.
+        title: figure title.
+        pr_kind: AUC-PR estimator shown in the legends (``"ap"`` or ``"trapezoid"``).
+
+    Example::
+
+        plot_roc_pr_comparison({"CE1": ce1_curves, "CE2": ce2_curves}, out / "fig5.png")
+    """
+    methods = {m: getattr(c, "accumulators", c) for m, c in curves_by_method.items()}
+    if not methods:
+        raise ValueError("plot_roc_pr_comparison: no methods given")
+    lesions = list(next(iter(methods.values())))
+    fig = new_figure((3.2 * len(lesions), 6.4))
+    for col, lesion in enumerate(lesions):
+        ax_roc = fig.add_subplot(2, len(lesions), col + 1)
+        ax_pr = fig.add_subplot(2, len(lesions), len(lesions) + col + 1)
+        for method, accumulators in methods.items():
+            acc = accumulators.get(lesion)
+            if acc is None or acc.num_positives == 0 or acc.num_negatives == 0:
+                continue
+            c = acc.curves()
+            ax_roc.plot(c["fpr"], c["tpr"], label=f"{method} ({acc.roc_auc():.3f})")
+            ax_pr.plot(c["recall"], c["precision"], label=f"{method} ({acc.pr_auc(pr_kind):.3f})")
+        ax_roc.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+        ax_roc.set_title(keys.LESION_NAMES.get(lesion, lesion), fontsize=10)
+        ax_roc.set_xlabel("false positive rate", fontsize=8)
+        ax_pr.set_xlabel("recall", fontsize=8)
+        if col == 0:
+            ax_roc.set_ylabel("true positive rate", fontsize=8)
+            ax_pr.set_ylabel(f"precision ({pr_kind})", fontsize=8)
+        for ax in (ax_roc, ax_pr):
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.02)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if len(ax.lines) > (1 if ax is ax_roc else 0):
+                ax.legend(fontsize=6, loc="lower right" if ax is ax_roc else "upper right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -8,8 +8,8 @@ Command::
     python experiments/mtunet.py                                # --data synthetic --preset smoke
     python experiments/mtunet.py --data RECORDS --preset paper  # RECORDS/{idrid,eyepacs,messidor2}
 
-Expected runtime: smoke, about 10 minutes on 2 CPU cores shared with other jobs (measured 9 min
-39 s wall, 6 min 20 s of CPU; synthetic IDRiD, EyePACS and DDR layouts generated and converted;
+Expected runtime: smoke, 6-10 minutes on 2 CPU cores (measured from a fresh clone: 5 min 36 s
+wall on a quiet 2-core VM, 9 min 39 s with other jobs beside it; synthetic IDRiD, EyePACS and DDR layouts generated and converted;
 2 runs of 14 networks at 96 px, 3 steps per network on EyePACS, 12 on IDRiD-S); paper, days on a
 multi-GPU server (3 runs x 14 networks at 512 x 512, 50 epochs; not run here).
 
