@@ -9,9 +9,10 @@ Command::
     python experiments/mtunet.py --data RECORDS --preset paper  # RECORDS/{idrid,eyepacs,messidor2}
 
 Expected runtime: smoke, 6-10 minutes on 2 CPU cores (measured from a fresh clone: 5 min 36 s
-wall on a quiet 2-core VM, 9 min 39 s with other jobs beside it; synthetic IDRiD, EyePACS and DDR layouts generated and converted;
-2 runs of 14 networks at 96 px, 3 steps per network on EyePACS, 12 on IDRiD-S); paper, days on a
-multi-GPU server (3 runs x 14 networks at 512 x 512, 50 epochs; not run here).
+wall on a quiet 2-core VM, 9 min 39 s with other jobs beside it; synthetic IDRiD, EyePACS and
+DDR layouts generated and converted; 2 runs of 14 networks at 96 px, 3 steps per network on
+EyePACS, 12 on IDRiD-S); paper, days on a multi-GPU server (3 runs x 14 networks at 512 x 512,
+50 epochs; not run here).
 
 Expected result: smoke, every row of Tables 1-4 filled beside the paper's numbers, the paired
 t-test of Table 2, ``fig6_segmentation.png``, ``history.png`` and ``export/mtunet`` (reload
@@ -81,7 +82,6 @@ import json
 import logging
 import math
 import pathlib
-import sys
 import zlib
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -89,26 +89,23 @@ import numpy as np
 import tensorflow as tf
 from tensorflow import keras
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from drkeras import keys, metrics  # noqa: E402
-from drkeras.config import (  # noqa: E402
+from drkeras import keys, metrics
+from drkeras.config import (
     Config,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
 )
-from drkeras.data import augment as aug  # noqa: E402
-from drkeras.data import pipeline, preprocess  # noqa: E402
-from drkeras.experiment import Experiment, RunContext, main, run_config_summary  # noqa: E402
-from drkeras.export import export_model  # noqa: E402
-from drkeras.models import baselines, blocks, mtunet  # noqa: E402
-from drkeras.plots import display_image, new_figure, plot_history, save_figure  # noqa: E402
-from drkeras.pseudo_masks import pseudo_masks_from_probs  # noqa: E402
-from drkeras.results import ResultsTable  # noqa: E402
-from drkeras.training.optim import build_optimizer  # noqa: E402
+from drkeras.data import augment as aug
+from drkeras.data import pipeline, preprocess
+from drkeras.experiment import Experiment, RunContext, main, run_config_summary
+from drkeras.export import export_model
+from drkeras.models import baselines, blocks, mtunet
+from drkeras.plots import display_image, new_figure, plot_history, save_figure
+from drkeras.pseudo_masks import pseudo_masks_from_probs
+from drkeras.results import ResultsTable
+from drkeras.training.optim import build_optimizer
 
 __all__ = [
     "GRADER_ROWS",

@@ -64,7 +64,6 @@ import functools
 import logging
 import math
 import pathlib
-import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -108,7 +107,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("drkeras.pldmlt")
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1294,7 +1292,4 @@ class PLDMLT(Experiment):
 
 
 if __name__ == "__main__":
-    # Run as a script the repository root is not on the path, and the synthetic-data
-    # conversion imports data_prep from it.
-    sys.path.insert(0, str(REPO_ROOT))
     raise SystemExit(main(PLDMLT()))
