@@ -1,0 +1,953 @@
+"""Patch-based semi-supervised GAN for DR abnormality classification (Lecouat et al. 2018).
+
+Reproduces "Semi-Supervised Deep Learning for Abnormality Classification in Retinal Images":
+Tables 1 (patch-level AUC) and 2 (image-level AUC) for label fractions 10-149 of 149 training
+images, Table 7 (direct image-level ResNet50 with and without pretraining), the Fig. 2 overlays
+of patch scores and the localisation AUC of Sec. 4.
+
+Command::
+
+    python experiments/ssl_gan.py                                # --data synthetic --preset smoke
+    python experiments/ssl_gan.py --data RECORDS --preset paper  # RECORDS/idrid (data_prep)
+
+Expected runtime: smoke, about 7 minutes on 2 CPU cores (measured: 6 min 53 s wall, 4 min of
+CPU, beside other jobs on the machine; the synthetic IDRiD layout generated and converted, a
+cohort of 26 images at 256 px split 16 / 5 / 5; 2 label columns x 2 samplings x 5 networks of a
+few eager steps each, plus the exports). Paper: GPU days (5 columns x 5 samplings of 1200 SSL-GAN
+epochs of ~95 steps of 100 patches, plus the baselines with early stopping; not run here).
+
+Expected result: smoke, every cell of Tables 1, 2 and 7 filled (mean ± std over 2 samplings)
+beside the paper's numbers, the localisation and threshold tables, ``fig2_patch_scores_*.png``,
+``training_curves.png``, ``export/ssl_gan`` (image-level scoring of photographs) and
+``export/ssl_gan_patches`` (the patch classifier). The numbers are those of a dozen training
+steps on synthetic images and 5 test images: patch AUCs near chance (50-56 % in the measured
+run), image AUCs of 0 or 100 % per sampling (a 5-image test cohort), so "50 ± 71"; they check
+that every row is computed, not the paper's accuracy. The smoke "Pretrained" row of Table 7 has
+no ImageNet weights (no download here) and equals the "ResNet50" row; its title says so. Paper
+preset on real IDRiD (not run here): the paper reports SSL-GAN patch AUCs of 76-85 % and image
+AUCs of 85-99 %, above ConvNet and ResNet34 at the small label fractions.
+
+What runs
+---------
+Cohort (Sec. 3): the IDRiD images with lesion masks (DR, 81) and the IDRiD grading images of
+grade 0 (healthy, 168; they carry no masks and, having no DR, all their patches are healthy),
+249 in all, split at random into training / validation / test cohorts of 149 / 50 / 50
+(``method.cohort_split``; another cohort size is split in the same proportions). The split and
+the labeled subsets are stratified by image label (DR / healthy) so that the smoke preset's small
+subsets hold both classes; the paper only says "randomly".
+
+Each image (:mod:`drkeras.data.patches`): field-of-view crop, square resize to
+``data.image_size`` (1024), normalised by its maximum, an 8 x 8 grid of patches area-downsampled
+to 32 x 32, a patch diseased when any lesion pixel (MA, HE, EX, SE) falls inside it.
+
+For each label column ``n/149`` of Tables 1-2 and each of ``method.samplings`` samplings,
+``round(n/149 * N_train)`` training images are labeled (:func:`drkeras.data.pipeline.
+fraction_split`, seeded by the sampling), and:
+
+1. SSL-GAN (:class:`drkeras.training.ssl_gan.PatchSSLGANTrainer`): labeled patches of the
+   labeled images, unlabeled patches of the WHOLE training cohort (Sec. 2: ``x ~ I = I_L u
+   I_U``; at 149/149 there are no other images), random crops and flips (Supplement 1), Adam
+   3e-4 / beta_1 0.5, batch 100, learning rate linear to zero from epoch 1000 to 1200, an epoch
+   being a pass over the training cohort's patches; the EMA (0.999) discriminator is evaluated.
+2. ConvNet: the discriminator's architecture (Table 3, weight norm initialised on data)
+   trained supervised on the same labeled patches; ResNet34 (image-classifiers) likewise. Both
+   with Table 5's recipe (the paper gives it for ResNet34; the issue applies it to both):
+   balanced class weights on binary cross-entropy, Adam 1e-5 (beta_1 0.9), batch 32, early
+   stopping on the validation cohort's loss (patience 20, best weights restored),
+   learning-rate reduction to 10 % (patience 10), augmentation by rotations of up to 180
+   degrees, left-right and up-down flips and shifts of up to 30 %.
+3. Table 7: ResNet50 (keras.applications) classifying whole images directly, trained on the
+   image labels of the same labeled images, with ImageNet weights ("Pretrained") and without,
+   the same recipe. The image it sees is the one the patch classifiers see, the max-normalised
+   photograph at 256 x 256 (the 64 patches side by side).
+
+Evaluation on the test cohort: patch-level ROC AUC over all its patches (Table 1) and the
+image-level ROC AUC of ``score_i = sum_j sigmoid(l_ij)`` (Table 2); the image threshold is the
+one of best balanced accuracy on the validation cohort, and the test accuracy at it is
+reported; the localisation AUC (Sec. 4) is the pixel ROC AUC of the Gaussian-blurred patch
+score map (Fig. 2) against the union of the lesion masks, pooled over the DR test images.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import shutil
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow import keras
+
+from drkeras import keys, metrics
+from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from drkeras.data import patches as patch_ops
+from drkeras.data import pipeline
+from drkeras.experiment import Experiment, RunContext, main, run_config_summary
+from drkeras.export import export_model
+from drkeras.models import ssl_gan as nets
+from drkeras.plots import plot_history, plot_patch_scores
+from drkeras.results import ResultsTable
+from drkeras.training.optim import build_optimizer
+from drkeras.training.ssl_gan import (
+    LABELED,
+    UNLABELED,
+    PatchSSLGANTrainer,
+    choose_threshold,
+    localisation_map,
+    predict_patch_logits,
+)
+
+__all__ = [
+    "PAPER_TABLE1",
+    "PAPER_TABLE2",
+    "PAPER_TABLE7",
+    "CohortImage",
+    "Method",
+    "SSLGAN",
+    "export_patch_classifier",
+    "read_cohort",
+    "split_cohort",
+]
+
+log = logging.getLogger("drkeras.ssl_gan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """The paper's own hyper-parameters (``--set method.<field>=...``).
+
+    Attributes:
+        cohort_split: training / validation / test images (149 / 50 / 50); a cohort of another
+            size is split in these proportions.
+        label_columns: the label columns ``n/149`` of Tables 1, 2 and 7 to run; each labels
+            ``round(n/149 * N_train)`` training images (at least one).
+        samplings: random labeled subsets (and baseline seeds) per column (5).
+        grid, patch_size: the 8 x 8 grid and the 32 x 32 patches.
+        latent_dim, gen_start_size: generator noise (100) and first feature map (6, Table 4).
+        fm_norm: feature matching ``l1`` (Sec. 2) or ``l2`` (Salimans et al. 2016).
+        ema_decay: weight average decay (0.999).
+        lr_decay_start_epoch: the GAN learning rates decay linearly to zero from this epoch to
+            ``train.epochs`` (1000 of 1200).
+        init_batch: patches of the data-dependent weight-norm initialisation (500, as in
+            Salimans et al.'s code).
+        baseline_batch: batch of the supervised baselines (32, Table 5).
+        baseline_epochs: most epochs of a baseline (early stopping ends it sooner; the paper
+            gives no maximum).
+        baseline_steps_per_epoch: steps per baseline epoch (0: one pass over the labeled data).
+        patience_stop, patience_lr, lr_factor: Table 5's early stopping and reduction.
+        resnet34_weights: weights of the ResNet34 patch baseline (the paper does not pretrain
+            it: ``none``).
+        pretrained_weights: weights of Table 7's "Pretrained" ResNet50 (``imagenet``; the smoke
+            preset cannot download and uses ``none``, which the table title says).
+        localisation_size: resolution of the localisation maps and masks.
+        blur: Gaussian blur of the patch-score maps in patch widths (Fig. 2).
+        figure_column, figure_images: the column (``20/149`` in Fig. 2) and number of test
+            images drawn.
+        export_column: the column whose first SSL-GAN is exported.
+        direct_image_size: side of the whole images of Table 7's ResNet50 (0: the patch grid's
+            own ``grid * patch_size`` = 256; smaller images are area-averaged from it).
+        run_eagerly: train and predict eagerly. For a few steps on a CPU this is faster than
+            tracing each new network's graph (the smoke preset trains 20 networks).
+    """
+
+    cohort_split: Tuple[int, ...] = (149, 50, 50)
+    label_columns: Tuple[str, ...] = ("10/149", "20/149", "40/149", "80/149", "149/149")
+    samplings: int = 5
+    grid: int = 8
+    patch_size: int = 32
+    latent_dim: int = nets.LATENT_DIM
+    gen_start_size: int = 6
+    fm_norm: str = "l1"
+    ema_decay: float = 0.999
+    lr_decay_start_epoch: int = 1000
+    init_batch: int = 500
+    baseline_batch: int = 32
+    baseline_epochs: int = 300
+    baseline_steps_per_epoch: int = 0
+    patience_stop: int = 20
+    patience_lr: int = 10
+    lr_factor: float = 0.1
+    resnet34_weights: Optional[str] = None
+    pretrained_weights: Optional[str] = "imagenet"
+    localisation_size: int = 256
+    blur: float = 0.5
+    figure_column: str = "20/149"
+    figure_images: int = 4
+    export_column: str = "20/149"
+    direct_image_size: int = 0
+    run_eagerly: bool = False
+
+
+_GAN_ADAM = OptimizerConfig(name="adam", learning_rate=3e-4, beta_1=0.5, schedule="linear_to_zero")
+
+# Supplement Tables 5-6; data as in Sec. 3.
+PAPER = Config(
+    method=Method(),
+    data=DataConfig(
+        image_size=1024, batch_size=100, normalization="max", augment=True, fov_crop=True
+    ),
+    model=ModelConfig(encoder_weights=None, width=1.0),
+    optimizers={
+        "discriminator": _GAN_ADAM,
+        "generator": _GAN_ADAM,
+        "baseline": OptimizerConfig(name="adam", learning_rate=1e-5, beta_1=0.9),
+    },
+    train=TrainConfig(epochs=1200, steps_per_epoch=0, verbose=2),
+)
+
+# Minutes on 2 CPU cores: 26 synthetic images at 256 px (8 x 8 patches of 32 px), narrow
+# networks, 2 label columns x 2 samplings, a few steps per model.
+SMOKE = Config(
+    method=Method(
+        label_columns=("40/149", "149/149"),
+        samplings=2,
+        init_batch=128,
+        baseline_epochs=2,
+        baseline_steps_per_epoch=3,
+        patience_stop=1,
+        patience_lr=1,
+        pretrained_weights=None,
+        localisation_size=128,
+        figure_column="40/149",
+        figure_images=2,
+        export_column="40/149",
+        lr_decay_start_epoch=1,
+        direct_image_size=64,
+        run_eagerly=True,
+    ),
+    data=DataConfig(
+        image_size=256,
+        batch_size=32,
+        normalization="max",
+        augment=True,
+        synthetic_size=256,
+        synthetic_scale=1.5,
+    ),
+    model=ModelConfig(encoder_weights=None, width=0.125),
+    optimizers={
+        "discriminator": dataclasses.replace(_GAN_ADAM, learning_rate=1e-3),
+        "generator": dataclasses.replace(_GAN_ADAM, learning_rate=1e-3),
+        "baseline": OptimizerConfig(name="adam", learning_rate=1e-3, beta_1=0.9),
+    },
+    train=TrainConfig(epochs=2, steps_per_epoch=6, verbose=2, checkpoint_steps=0),
+)
+
+# ------------------------------------------------------------------------------ paper numbers
+
+COLUMNS = ("10/149", "20/149", "40/149", "80/149", "149/149")
+
+
+def _row(values) -> Dict[str, float]:
+    return dict(zip(COLUMNS, values))
+
+
+PAPER_TABLE1 = {
+    "SSL-GAN": _row([75.8, 79.4, 81.7, 83.3, 84.5]),
+    "ConvNet": _row([68.3, 72.8, 77.3, 79.5, 79.6]),
+    "ResNet34": _row([52.2, 61.5, 73.9, 81.2, 85.1]),
+}
+PAPER_TABLE2 = {
+    "SSL-GAN": _row([84.5, 89.0, 94.7, 98.5, 99.1]),
+    "ConvNet": _row([71.1, 81.4, 87.4, 94.5, 97.8]),
+    "ResNet34": _row([71.3, 79.4, 80.5, 84.2, 98.9]),
+}
+PAPER_TABLE7 = {
+    "Pretrained": _row([85.8, 98.2, 98.8, 99.2, 98.8]),
+    "ResNet50": _row([56.8, 65.0, 67.8, 76.4, 82.2]),
+}
+# Sec. 4: "the SSL-GAN had an AUC gain of 16.30% over the CNN baselines" (localisation).
+PAPER_LOCALISATION_GAIN = 16.30
+PATCH_ROWS = ("SSL-GAN", "ConvNet", "ResNet34")
+LOCALISATION_COLUMNS = ("localisation AUC (%)", "gain of SSL-GAN (points)")
+ACCURACY_COLUMNS = ("threshold", "image accuracy (%)")
+
+
+# ------------------------------------------------------------------------------ the cohort
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortImage:
+    """One cohort image: record split, id, image label (1 = DR with lesion masks, 0 = healthy)."""
+
+    split: str
+    id: str
+    label: int
+
+
+def read_cohort(records_dir) -> List[CohortImage]:
+    """The paper's cohort from converted IDRiD records (Sec. 3), without decoding images.
+
+    DR: images with every abnormality mask type (MA, HE, EX, SE) annotated; healthy: images of
+    grade 0 without masks. Images of other grades without masks are not part of it.
+
+    Example::
+
+        cohort = read_cohort("records/idrid")   # 81 DR + 168 healthy on IDRiD
+    """
+    wanted = [keys.LESIONS.index(name) for name in patch_ops.ABNORMAL_LESIONS]
+    cohort = []
+    for split in keys.SPLITS:
+        try:
+            labels = pipeline.read_labels(records_dir, split)
+        except (FileNotFoundError, ValueError):
+            continue
+        for i, example_id in enumerate(labels[keys.ID]):
+            present = labels[keys.MASK_PRESENT][i]
+            if present[wanted].all():
+                cohort.append(CohortImage(split, str(example_id), 1))
+            elif not present.any() and labels[keys.GRADE][i] == 0:
+                cohort.append(CohortImage(split, str(example_id), 0))
+    return cohort
+
+
+def split_cohort(
+    cohort: Sequence[CohortImage], sizes: Sequence[int], *, seed: int
+) -> Dict[str, List[CohortImage]]:
+    """Random training / validation / test cohorts, stratified by image label, of ``sizes``
+    (scaled to the cohort's size when it differs from their sum).
+
+    Example::
+
+        parts = split_cohort(read_cohort(records), (149, 50, 50), seed=0)
+        len(parts["train"]), len(parts["val"]), len(parts["test"])   # 149 50 50
+    """
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"cohort_split must be 3 positive counts (train, val, test), got {sizes}")
+    by_id = {c.id: c for c in cohort}
+    ids = sorted(by_id)
+    n = len(ids)
+    total = sum(sizes)
+    n_test = max(1, round(n * sizes[2] / total))
+    n_val = max(1, round(n * sizes[1] / total))
+    if n - n_test - n_val < 2:
+        raise ValueError(f"a cohort of {n} images is too small for a {tuple(sizes)} split")
+    labels = [by_id[i].label for i in ids]
+    test, rest = pipeline.fraction_split(ids, n_test / n, seed=seed, stratify=labels)
+    rest_labels = [by_id[i].label for i in rest]
+    val, train = pipeline.fraction_split(
+        rest, n_val / len(rest), seed=seed + 1, stratify=rest_labels
+    )
+    return {name: [by_id[i] for i in part] for name, part in
+            (("train", train), ("val", val), ("test", test))}  # fmt: skip
+
+
+def column_fraction(column: str) -> float:
+    """``"20/149"`` -> 20/149, with a clear error for anything else."""
+    try:
+        num, den = (int(part) for part in column.split("/"))
+    except ValueError:
+        raise ValueError(f"label column {column!r} is not of the form n/N") from None
+    if not 0 < num <= den:
+        raise ValueError(f"label column {column!r} needs 0 < n <= N")
+    return num / den
+
+
+# ------------------------------------------------------------------------------ export
+
+
+class _PatchServing(tf.Module):
+    def __init__(self, model: keras.Model, patch_size: int, meta_json: str):
+        super().__init__(name="drkeras_patch_export")
+        # the variables, not the Keras model: saving a Keras model also traces every layer's
+        # call for Keras' own metadata, which this signature does not need
+        self.weights = list(model.weights)
+        self.drkeras_meta = tf.Variable(meta_json, trainable=False, name="drkeras_meta")
+
+        def serve(patches):
+            logits = model(patches, training=False)[keys.PATCH_LOGITS]
+            return {keys.PATCH_LOGITS: logits, nets.PATCH_PROBS: tf.sigmoid(logits)}
+
+        spec = tf.TensorSpec([None, patch_size, patch_size, 3], tf.float32, name="patches")
+        self.serve = tf.function(serve, input_signature=[spec])
+
+
+def export_patch_classifier(model: keras.Model, out_dir, *, normalization: str, sample) -> Dict:
+    """Export the patch classifier: signature ``serving_default(patches float32 [N, P, P, 3])``
+    -> ``{"patch_logits": [N], "patch_probs": [N]}``, then reload and compare.
+
+    ``drkeras.export.export_model`` serves photographs (uint8 images and encoded bytes); patches
+    are not photographs: they are normalised by the maximum of the WHOLE image they were cut
+    from, so the caller prepares them (``drkeras.data.patches.patch_example``) and this second
+    SavedModel takes them as they are. The metadata records that. Returns the check report
+    (also written to ``assets.extra/export_check.json``); a mismatch raises ``RuntimeError``.
+    """
+    out = pathlib.Path(out_dir)
+    patch_size = int(model.inputs[0].shape[1])
+    meta = {
+        "format": "drkeras-patch-export/1",
+        "model_name": model.name,
+        "patch_size": patch_size,
+        "input": "float32 patches [N, P, P, 3] from drkeras.data.patches.patch_example "
+        f"(image normalisation {normalization!r} before patching)",
+        "outputs": [keys.PATCH_LOGITS, nets.PATCH_PROBS],
+    }
+    module = _PatchServing(model, patch_size, json.dumps(meta))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tf.saved_model.save(
+        module, str(tmp), signatures={"serving_default": module.serve.get_concrete_function()}
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    sample = tf.constant(np.asarray(sample, np.float32))
+    loaded = tf.saved_model.load(str(out)).signatures["serving_default"]
+    got = loaded(patches=sample)[keys.PATCH_LOGITS].numpy()
+    want = model(sample, training=False)[keys.PATCH_LOGITS].numpy()
+    diff = float(np.max(np.abs(got - want)))
+    report = {"ok": diff < 1e-4, "max_abs_diff": diff, "sample_shape": list(sample.shape)}
+    (out / "assets.extra").mkdir(exist_ok=True)
+    (out / "assets.extra" / "export_check.json").write_text(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise RuntimeError(f"reloaded patch classifier {out} differs by {diff:.3g}")
+    return report
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+@dataclasses.dataclass
+class _Grids:
+    """Patch grids of a set of cohort images, in cohort order."""
+
+    images: List[CohortImage]
+    patches: np.ndarray  # [N, G*G, P, P, 3]
+    patch_labels: np.ndarray  # [N, G*G]
+    image_labels: np.ndarray  # [N]
+
+
+class _Run:
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.method: Method = ctx.config.method
+        self.data = ctx.config.data
+        m = self.method
+        for column in m.label_columns:
+            if column not in COLUMNS:
+                raise ValueError(f"method.label_columns: {column!r} is not one of {COLUMNS}")
+        if m.fm_norm not in ("l1", "l2"):
+            raise ValueError(f"method.fm_norm must be 'l1' or 'l2', got {m.fm_norm!r}")
+        if self.data.image_size % m.grid:
+            raise ValueError(
+                f"data.image_size={self.data.image_size} must be divisible by method.grid={m.grid}"
+            )
+        self.tables = self._tables()
+        self.seed = self.config.seed
+        self.records = ctx.records("idrid")
+
+    # ----------------------------------------------------------------------------- tables
+
+    def _tables(self) -> Dict[str, ResultsTable]:
+        cols = list(self.method.label_columns)
+        summary = run_config_summary(self.config)
+
+        def paper(rows):
+            return {r: {c: v for c, v in cells.items() if c in cols} for r, cells in rows.items()}
+
+        pretrained = self.method.pretrained_weights
+        note = (
+            ""
+            if pretrained
+            else " ('Pretrained' ran WITHOUT pretrained weights: method.pretrained_weights=none)"
+        )
+        return {
+            "table1": ResultsTable(
+                "table1_patch_auc",
+                f"Table 1: patch-level AUC (%), labeled/total training images ({summary})",
+                cols,
+                paper=paper(PAPER_TABLE1),
+                digits=1,
+            ),
+            "table2": ResultsTable(
+                "table2_image_auc",
+                f"Table 2: image-level AUC (%) of sum_j sigmoid(l_ij) ({summary})",
+                cols,
+                paper=paper(PAPER_TABLE2),
+                digits=1,
+            ),
+            "table7": ResultsTable(
+                "table7_direct_image_auc",
+                f"Table 7: AUC (%) of direct image-level ResNet50{note} ({summary})",
+                cols,
+                paper=paper(PAPER_TABLE7),
+                digits=1,
+            ),
+            "localisation": ResultsTable(
+                "localisation_auc",
+                "Sec. 4: pixel AUC (%) of the blurred patch-score maps against the lesion masks "
+                f"(DR test images), all columns and samplings ({summary})",
+                list(LOCALISATION_COLUMNS),
+                paper={"SSL-GAN": {LOCALISATION_COLUMNS[1]: PAPER_LOCALISATION_GAIN}},
+                digits=1,
+            ),
+            "accuracy": ResultsTable(
+                "image_threshold_accuracy",
+                "Image-level decision: threshold on the score chosen on the validation cohort, "
+                f"test accuracy (%), all columns and samplings ({summary})",
+                list(ACCURACY_COLUMNS),
+                digits=1,
+            ),
+        }
+
+    # ------------------------------------------------------------------------------ data
+
+    def _groups(self, images: Sequence[CohortImage]):
+        groups: Dict[Tuple[str, int], List[str]] = {}
+        for image in images:
+            groups.setdefault((image.split, image.label), []).append(image.id)
+        return sorted(groups.items())
+
+    def _patch_args(self) -> dict:
+        m = self.method
+        return dict(
+            image_size=self.data.image_size,
+            grid=m.grid,
+            patch_size=m.patch_size,
+            normalization=self.data.normalization,
+            fov_crop=self.data.fov_crop,
+        )
+
+    def grids(self, images: Sequence[CohortImage]) -> _Grids:
+        """Patch grids and labels of ``images`` (healthy images: every patch 0)."""
+        order = {c.id: i for i, c in enumerate(images)}
+        n = len(images)
+        g2, p = self.method.grid**2, self.method.patch_size
+        patches = np.zeros((n, g2, p, p, 3), np.float32)
+        patch_labels = np.zeros((n, g2), np.int32)
+        found = np.zeros(n, bool)
+        for (split, label), ids in self._groups(images):
+            # one id at a time would decode twice; instead read the group and match by order
+            ds = pipeline.patch_dataset(
+                self.records,
+                split,
+                mode="images",
+                labeled=bool(label),
+                ids=ids,
+                shuffle=False,
+                batch_size=16,
+                cache=False,
+                **self._patch_args(),
+            )
+            rows = [order[i] for i in self._record_order(split, ids)]
+            k = 0
+            for grid, targets in ds.as_numpy_iterator():
+                for j in range(len(grid)):
+                    patches[rows[k]] = grid[j]
+                    if label:
+                        patch_labels[rows[k]] = targets[pipeline.PATCH_LABELS][j]
+                    found[rows[k]] = True
+                    k += 1
+        if not found.all():
+            missing = [images[i].id for i in np.flatnonzero(~found)][:5]
+            raise ValueError(f"no records (with masks) found for cohort images {missing}")
+        image_labels = np.array([c.label for c in images], np.int32)
+        return _Grids(list(images), patches, patch_labels, image_labels)
+
+    def _record_order(self, split: str, ids: Sequence[str]) -> List[str]:
+        wanted = set(ids)
+        all_ids = pipeline.read_labels(self.records, split)[keys.ID]
+        return [i for i in all_ids if i in wanted]
+
+    def patch_stream(self, images, *, labeled: bool, augment: bool, seed: int) -> tf.data.Dataset:
+        """An endless shuffled stream of single ``(patch, label)`` of ``images``; label -1 for
+        DR images when not ``labeled``, 0 for healthy images."""
+        parts, weights = [], []
+        for (split, label), ids in self._groups(images):
+            ds = pipeline.patch_dataset(
+                self.records,
+                split,
+                mode="patches",
+                labeled=bool(label) and labeled,
+                ids=ids,
+                batch_size=64,
+                augment=augment,
+                shuffle=True,
+                shuffle_buffer=2048,
+                seed=seed,
+                repeat=True,
+                **self._patch_args(),
+            ).unbatch()
+            if not label:
+                ds = ds.map(lambda x, y: (x, tf.zeros_like(y)))
+            parts.append(ds)
+            weights.append(float(len(ids)))
+        if len(parts) == 1:
+            return parts[0]
+        total = sum(weights)
+        return tf.data.Dataset.sample_from_datasets(
+            parts, weights=[w / total for w in weights], seed=seed
+        )
+
+    # ---------------------------------------------------------------------------- training
+
+    def _optimizer(self, name: str, steps_per_epoch: int):
+        cfg = self.config.optimizers[name]
+        if cfg.schedule == "linear_to_zero" and cfg.decay_steps == 0:
+            epochs = self.config.train.epochs
+            hold = min(self.method.lr_decay_start_epoch, epochs - 1)
+            cfg = dataclasses.replace(
+                cfg, hold_steps=hold * steps_per_epoch, decay_steps=epochs * steps_per_epoch
+            )
+        return build_optimizer(cfg)
+
+    def _discriminator(self, name: str) -> keras.Model:
+        m = self.method
+        return nets.build_discriminator(
+            input_shape=(m.patch_size, m.patch_size, 3), width=self.config.model.width, name=name
+        )
+
+    def train_ssl_gan(self, train: _Grids, labeled: Sequence[CohortImage], stage: str, seed):
+        m, batch = self.method, self.data.batch_size
+        steps = self.config.train.steps_per_epoch or math.ceil(
+            train.patches.shape[0] * m.grid**2 / batch
+        )
+        lab = self.patch_stream(labeled, labeled=True, augment=self.data.augment, seed=seed)
+        unl = self.patch_stream(
+            train.images, labeled=False, augment=self.data.augment, seed=seed + 7
+        )
+        data = tf.data.Dataset.zip(
+            (lab.batch(batch, drop_remainder=True), unl.batch(batch, drop_remainder=True))
+        ).map(lambda a, b: ({LABELED: a[0], UNLABELED: b[0]}, a[1]))
+        data = data.prefetch(tf.data.AUTOTUNE)
+        tf.keras.utils.set_random_seed(seed)
+        with self.ctx.strategy.scope():
+            trainer = PatchSSLGANTrainer(
+                self._discriminator("ssl_gan_discriminator"),
+                nets.build_generator(
+                    latent_dim=m.latent_dim,
+                    start_size=m.gen_start_size,
+                    width=self.config.model.width,
+                    output_size=m.patch_size,
+                ),
+                ema_discriminator=self._discriminator("ssl_gan_discriminator_ema"),
+                noise_seed=seed,
+            )
+            trainer.compile(
+                d_optimizer=self._optimizer("discriminator", steps),
+                g_optimizer=self._optimizer("generator", steps),
+                ema_decay=m.ema_decay,
+                fm_norm=m.fm_norm,
+                run_eagerly=m.run_eagerly,
+            )
+            trainer.initialize(self._init_patches(train, seed))
+        self.ctx.fit(trainer, data, stage=stage, steps_per_epoch=steps)
+        return trainer.ema_discriminator
+
+    def _init_patches(self, train: _Grids, seed: int) -> np.ndarray:
+        flat = train.patches.reshape((-1,) + train.patches.shape[2:])
+        rng = np.random.default_rng(seed)
+        take = rng.choice(len(flat), min(self.method.init_batch, len(flat)), replace=False)
+        return flat[np.sort(take)]
+
+    def _augmentation(self) -> keras.Sequential:
+        # Table 5: 0-180 degree rotations, left-right and up-down flips, 0-30 % shifts
+        return keras.Sequential(
+            [
+                keras.layers.RandomRotation(0.5, fill_mode="reflect", name="aug_rotate"),
+                keras.layers.RandomFlip("horizontal_and_vertical", name="aug_flip"),
+                keras.layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", name="aug_shift"),
+            ],
+            name="table5_augmentation",
+        )
+
+    def _class_weight(self, labels: np.ndarray) -> Dict[int, float]:
+        counts = np.bincount(np.asarray(labels).astype(np.int64).ravel(), minlength=2).astype(float)
+        present = counts > 0
+        weights = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
+        return {0: float(weights[0]), 1: float(weights[1])}
+
+    def train_supervised(
+        self, build, x_train, y_train, x_val, y_val, stage: str, seed: int, init: bool = False
+    ) -> keras.Model:
+        """Table 5's recipe for a classifier with output ``patch_logits``; returns it trained."""
+        m = self.method
+        tf.keras.utils.set_random_seed(seed)
+        with self.ctx.strategy.scope():
+            classifier = build()
+            if init:
+                initialize = x_train[: m.init_batch]
+                nets.initialize_weight_norm(classifier, initialize)
+            inputs = keras.Input(classifier.input_shape[1:], name="train_input")
+            augmented = self._augmentation()(inputs)
+            logit = classifier(augmented)[keys.PATCH_LOGITS]
+            logit = keras.layers.Reshape((1,), name="logit")(logit)
+            model = keras.Model(inputs, logit, name=f"{classifier.name}_training")
+            model.compile(
+                optimizer=build_optimizer(self.config.optimizers["baseline"]),
+                loss=keras.losses.BinaryCrossentropy(from_logits=True),
+                run_eagerly=m.run_eagerly,
+            )
+        batch = min(m.baseline_batch, len(x_train))
+        train = (
+            tf.data.Dataset.from_tensor_slices((x_train, y_train[:, None].astype(np.float32)))
+            .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+            .repeat()
+            .batch(batch, drop_remainder=True)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        val = tf.data.Dataset.from_tensor_slices((x_val, y_val[:, None].astype(np.float32))).batch(
+            256
+        )
+        steps = m.baseline_steps_per_epoch or max(1, len(x_train) // batch)
+        callbacks = [
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=m.patience_stop, restore_best_weights=True
+            ),
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=m.lr_factor, patience=m.patience_lr
+            ),
+        ]
+        self.ctx.fit(
+            model,
+            train,
+            stage=stage,
+            epochs=m.baseline_epochs,
+            steps_per_epoch=steps,
+            callbacks=callbacks,
+            validation_data=val,
+            class_weight=self._class_weight(y_train),
+        )
+        return classifier
+
+    # -------------------------------------------------------------------------- evaluation
+
+    def _assemble(self, grids: _Grids) -> np.ndarray:
+        """Patch grids back to whole images ``[N, G*P, G*P, 3]`` (row-major grid)."""
+        g, p = self.method.grid, self.method.patch_size
+        x = grids.patches.reshape(-1, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(-1, g * p, g * p, 3)
+
+    def _lesion_masks(self, test: _Grids) -> np.ndarray:
+        """Union lesion masks ``[N_dr, S, S]`` of the DR test images, in their cohort order."""
+        dr = [c for c in test.images if c.label == 1]
+        size = self.method.localisation_size
+        masks = {}
+        for (split, _), ids in self._groups(dr):
+            ds = pipeline.segmentation_dataset(
+                self.records,
+                split,
+                size=size,
+                batch_size=8,
+                lesions=patch_ops.ABNORMAL_LESIONS,
+                merge_lesions=True,
+                fov_crop=self.data.fov_crop,
+                shuffle=False,
+                cache=False,
+                ids=ids,
+            )
+            order = self._record_order(split, ids)
+            k = 0
+            for _, targets in ds.as_numpy_iterator():
+                for mask in targets[keys.MASKS]:
+                    masks[order[k]] = mask[..., 0] > 0
+                    k += 1
+        if not dr:
+            return np.zeros((0, size, size), bool)
+        return np.stack([masks[c.id] for c in dr])
+
+    def evaluate_patches(self, model, val: _Grids, test: _Grids, masks: np.ndarray) -> dict:
+        logits = self._predict(model, test.patches)
+        threshold = choose_threshold(
+            metrics.image_scores_from_patches(self._predict(model, val.patches)),
+            val.image_labels,
+        )
+        scores = metrics.image_scores_from_patches(logits)
+        g = self.method.grid
+        dr = test.image_labels == 1
+        probs = 1.0 / (1.0 + np.exp(-logits[dr].reshape(-1, g, g)))
+        maps = localisation_map(probs, self.method.localisation_size, blur=self.method.blur)
+        return {
+            "patch_auc": 100 * metrics.patch_auc(logits, test.patch_labels),
+            "image_auc": 100 * metrics.image_auc(logits, test.image_labels),
+            "threshold": threshold,
+            "accuracy": 100 * float(np.mean((scores > threshold) == (test.image_labels == 1))),
+            "localisation_auc": 100 * metrics.roc_auc(masks.ravel(), maps.ravel()),
+            "logits": logits,
+            "scores": scores,
+        }
+
+    def figure(self, result: dict, test: _Grids, images: np.ndarray) -> None:
+        g = self.method.grid
+        order = np.argsort(-test.image_labels, kind="stable")  # DR images first, then healthy
+        shown = list(order[: self.method.figure_images])
+        if self.method.figure_images > 1 and (test.image_labels == 0).any():
+            shown[-1] = int(np.flatnonzero(test.image_labels == 0)[0])
+        for i in shown:
+            score, label = float(result["scores"][i]), int(test.image_labels[i])
+            predicted = int(score > result["threshold"])
+            verdict = "correct" if predicted == label else "wrong"
+            probs = 1.0 / (1.0 + np.exp(-result["logits"][i].reshape(g, g)))
+            plot_patch_scores(
+                images[i],
+                probs,
+                self.ctx.out_dir / f"fig2_patch_scores_{test.images[i].id.rsplit('-', 1)[-1]}.png",
+                blur=self.method.blur,
+                title=(
+                    f"{test.images[i].id} ({'DR' if label else 'healthy'}): score {score:.1f} vs "
+                    f"threshold {result['threshold']:.1f} -> {'DR' if predicted else 'healthy'} "
+                    f"({verdict})"
+                ),
+            )
+
+    def export(self, discriminator: keras.Model, test: _Grids) -> None:
+        scorer = nets.build_image_scorer(
+            discriminator, image_size=self.data.image_size, grid=self.method.grid
+        )
+        path = export_model(
+            scorer,
+            self.ctx.export_dir / "ssl_gan",
+            image_size=self.data.image_size,
+            preprocess={
+                "fov_crop": self.data.fov_crop,
+                "graham": False,
+                "normalization": self.data.normalization,
+            },
+            output_names=[keys.PATCH_LOGITS, nets.PATCH_PROBS, keys.IMAGE_SCORE],
+        )
+        log.info("exported the SSL-GAN image scorer to %s", path)
+        report = export_patch_classifier(
+            discriminator,
+            self.ctx.export_dir / "ssl_gan_patches",
+            normalization=self.data.normalization,
+            sample=test.patches[0],
+        )
+        log.info("exported the SSL-GAN patch classifier (check %s)", report)
+
+    # ------------------------------------------------------------------------------ run
+
+    def run(self) -> List[ResultsTable]:
+        m = self.method
+        cohort = read_cohort(self.records)
+        n_dr = sum(c.label for c in cohort)
+        if n_dr == 0 or n_dr == len(cohort):
+            raise ValueError(
+                f"{self.records}: the cohort needs DR images with MA/HE/EX/SE masks and healthy "
+                f"(grade 0) images; found {n_dr} DR and {len(cohort) - n_dr} healthy"
+            )
+        parts = split_cohort(cohort, m.cohort_split, seed=self.seed)
+        log.info(
+            "cohort: %d DR + %d healthy -> train %d, val %d, test %d",
+            n_dr,
+            len(cohort) - n_dr,
+            *(len(parts[k]) for k in ("train", "val", "test")),
+        )
+        train, val, test = (self.grids(parts[k]) for k in ("train", "val", "test"))
+        masks = self._lesion_masks(test)
+        val_x = val.patches.reshape((-1,) + val.patches.shape[2:])
+        val_y = val.patch_labels.ravel()
+        direct = {name: self._direct_images(g) for name, g in (("train", train), ("val", val),
+                                                                 ("test", test))}  # fmt: skip
+        shown = self._assemble(test)
+        train_ids = [c.id for c in train.images]
+        train_labels = [c.label for c in train.images]
+        local = {name: [] for name in PATCH_ROWS}
+        exported = False
+        for column in m.label_columns:
+            for sampling in range(m.samplings):
+                seed = self.seed + 1000 * sampling + COLUMNS.index(column)
+                chosen, _ = pipeline.fraction_split(
+                    train_ids, column_fraction(column), seed=self.seed + sampling,
+                    stratify=train_labels,
+                )  # fmt: skip
+                index = [train_ids.index(i) for i in chosen]
+                labeled = [train.images[i] for i in index]
+                x_lab = train.patches[index].reshape((-1,) + train.patches.shape[2:])
+                y_lab = train.patch_labels[index].ravel()
+                tag = f"{column.replace('/', 'of')}_s{sampling}"
+                log.info("column %s sampling %d: %d labeled images", column, sampling, len(index))
+
+                networks = {
+                    "SSL-GAN": self.train_ssl_gan(train, labeled, f"{tag}_ssl_gan", seed),
+                    "ConvNet": self.train_supervised(
+                        lambda: self._discriminator("convnet"),
+                        x_lab, y_lab, val_x, val_y, f"{tag}_convnet", seed, init=True,
+                    ),
+                    "ResNet34": self.train_supervised(
+                        lambda: nets.build_resnet_patch_classifier(
+                            input_shape=(m.patch_size, m.patch_size, 3),
+                            encoder_weights=m.resnet34_weights,
+                        ),
+                        x_lab, y_lab, val_x, val_y, f"{tag}_resnet34", seed,
+                    ),
+                }  # fmt: skip
+                for row, net in networks.items():
+                    result = self.evaluate_patches(net, val, test, masks)
+                    self.tables["table1"].add(row, column, result["patch_auc"])
+                    self.tables["table2"].add(row, column, result["image_auc"])
+                    self.tables["accuracy"].add(row, ACCURACY_COLUMNS[0], result["threshold"])
+                    self.tables["accuracy"].add(row, ACCURACY_COLUMNS[1], result["accuracy"])
+                    self.tables["localisation"].add(
+                        row, LOCALISATION_COLUMNS[0], result["localisation_auc"]
+                    )
+                    local[row].append(result["localisation_auc"])
+                    if row == "SSL-GAN" and sampling == 0 and column == self._figure_column():
+                        self.figure(result, test, shown)
+                    if row == "SSL-GAN" and not exported and column == self._export_column():
+                        if self.ctx.is_chief:
+                            self.export(net, test)
+                        exported = True
+
+                y_img = train.image_labels[index].astype(np.float32)
+                for row, weights in (("Pretrained", m.pretrained_weights), ("ResNet50", None)):
+                    net = self.train_supervised(
+                        lambda w=weights: nets.build_resnet_image_classifier(
+                            input_shape=direct["train"].shape[1:], encoder_weights=w
+                        ),
+                        direct["train"][index], y_img, direct["val"],
+                        val.image_labels.astype(np.float32), f"{tag}_resnet50_{row.lower()}", seed,
+                    )  # fmt: skip
+                    logits = self._predict(net, direct["test"][:, None])[:, 0]
+                    self.tables["table7"].add(
+                        row, column, 100 * metrics.roc_auc(test.image_labels, logits)
+                    )
+        baseline = np.mean([np.mean(local["ConvNet"]), np.mean(local["ResNet34"])])
+        gains = np.asarray(local["SSL-GAN"]) - 0.5 * (
+            np.asarray(local["ConvNet"]) + np.asarray(local["ResNet34"])
+        )
+        log.info("localisation AUC: SSL-GAN %.1f vs CNN baselines %.1f", np.mean(local["SSL-GAN"]),
+                 baseline)  # fmt: skip
+        self.tables["localisation"].add("SSL-GAN", LOCALISATION_COLUMNS[1], gains)
+        if self.ctx.history_path.exists():
+            plot_history(self.ctx.history_path, self.ctx.out_dir / "training_curves.png")
+        return list(self.tables.values())
+
+    def _predict(self, model, patches) -> np.ndarray:
+        return predict_patch_logits(model, patches, eager=self.method.run_eagerly)
+
+    def _direct_images(self, grids: _Grids) -> np.ndarray:
+        images = self._assemble(grids)
+        size = self.method.direct_image_size
+        if size and size != images.shape[1]:
+            images = tf.image.resize(images, [size, size], method="area").numpy()
+        return images
+
+    def _figure_column(self) -> str:
+        m = self.method
+        return m.figure_column if m.figure_column in m.label_columns else m.label_columns[0]
+
+    def _export_column(self) -> str:
+        m = self.method
+        return m.export_column if m.export_column in m.label_columns else m.label_columns[0]
+
+
+class SSLGAN(Experiment):
+    """The patch SSL-GAN experiment: Tables 1, 2 and 7, Fig. 2 (see the module docstring).
+
+    Example::
+
+        from experiments.ssl_gan import SSLGAN, main
+        main(SSLGAN(), ["--preset", "smoke", "--set", "method.samplings=1", "--out", "runs/x"])
+    """
+
+    name = "ssl_gan"
+    title = "Patch-based semi-supervised GAN for DR abnormality classification (Lecouat 2018)"
+    presets = {"smoke": SMOKE, "paper": PAPER}
+
+    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
+        return _Run(ctx).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(SSLGAN()))
