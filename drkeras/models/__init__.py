@@ -13,4 +13,10 @@ Modules:
     mtunet: the VGG16-UNet multi-task network of Foo et al. 2020 (MTUnet, also the network of
         PLDMLT section 3.2), its variants A and B, the pixel-class sets and ``compile_mtunet``.
     baselines: the papers' comparison networks behind ``build_segmenter`` / ``build_grader``.
+    collaborative: Zhou et al. 2019, the Xception-module U-Net lesion generator (and its
+        plain-convolution variant), the adversarial discriminator and the lesion-attentive grader.
+    ssl_gan: Lecouat et al. 2018, the weight-normalised patch discriminator and generator
+        (Tables 3-4), the image scorer over the 8 x 8 patch grid, the ResNet baselines.
+    cooperative: the cooperative-learning paper's residual inception blocks, shared encoder,
+        classifier agent, segmentation agent with partial attention, FCN-8s and inception UNet.
 """

@@ -9,6 +9,12 @@ Modules:
     bilevel: PLDMLT's Algorithm 1, the multi-task network and the label update network trained
         with a second-order meta-gradient (``BilevelMultiTaskTrainer``), and ``stateless_call``
         (a Keras model evaluated at substituted weights).
+    adversarial: Zhou et al. 2019, generator pre-training and the collaborative stage
+        (generator, discriminator and lesion-attentive grader, one optimizer each).
+    ssl_gan: Lecouat et al. 2018, the K+1-class discriminator step, feature matching for the
+        generator, the EMA of the discriminator that is evaluated.
+    cooperative: the classifier and segmentation agents with two optimizers at different
+        rates, both updating the shared encoder.
     distribute: device strategies, mixed precision, determinism.
     optim: optimizers and learning-rate schedules from the config.
     callbacks: history CSV shared by training stages, NaN guard.
