@@ -40,6 +40,7 @@ __all__ = [
     "plot_mask_overlay",
     "plot_patch_scores",
     "plot_roc_pr",
+    "plot_roc_pr_comparison",
     "resize_array",
     "save_figure",
 ]

@@ -1,0 +1,871 @@
+"""Collaborative semi-supervised lesion segmentation and DR grading (Zhou et al., CVPR 2019).
+
+Reproduces Zhou, He, Huang, Liu, Zhu, Cui, Shao, "Collaborative Learning of Semi-Supervised
+Segmentation and Classification for Medical Images": Tables 1-3, Fig. 4 and Fig. 5.
+
+Command::
+
+    python experiments/collaborative.py                       # --data synthetic --preset smoke
+    python experiments/collaborative.py --data RECORDS --preset paper
+    # RECORDS/{idrid,eyepacs,messidor} as written by python -m data_prep
+
+Expected runtime: smoke, about 3-4 minutes on 2 CPU cores (measured 191 s wall, 163 s of CPU,
+on a machine shared with other jobs: synthetic IDRiD, EyePACS and Messidor layouts generated and
+converted, ten training stages at 64 px and eighth width, 32 / 24 / 16 steps per stage, run
+eagerly, two exports); paper, GPU days (640 x 640 inputs, 60 + 30 pre-training epochs and 50
+fine-tuning epochs per image-level dataset; not run here).
+
+Expected result: smoke, every row of Tables 1-3 filled beside the paper's numbers,
+``fig4_comparison.png``, ``fig5_roc_pr.png``, ``training_curves.png``, and
+``export/collaborative_generator`` and ``export/collaborative_grader`` (reload-checked). Smoke
+numbers come from a few steps on synthetic images and show the pipeline, not the paper's
+effects: grading at chance (accuracy 0.1-0.3 on 10 test images, kappa near 0), Messidor AUCs
+0.3-0.9, lesion AUC-ROC 0.06-0.74 (far from converged; some below 0.5), AUC-PR below 0.03
+(lesions are a few pixels at 64 px). The paper preset on the real data should approach the
+paper (Table 1, Semi+Adv: IDRiD accuracy 0.913 / kappa 0.905).
+
+What runs (section 3.4, section 4.2):
+
+1. Stage 1, generator: the Xception U-Net ``G`` (``CE2``) and its plain-convolution variant
+   (``CE1``) learn the lesion masks (MA, HE, EX, SE) of IDRiD's segmentation training images
+   with ``L_CE`` (:class:`drkeras.training.adversarial.GeneratorPretrainer`; batch
+   ``method.pretrain_seg_batch``, ``method.pretrain_seg_epochs`` epochs). Table 3 rows CE1 and
+   CE2.
+2. For each image-level dataset (IDRiD's grading set; EyePACS, with the generator pre-trained on
+   IDRiD as the paper says: "we adopt the fully-supervised model pre-trained on the IDRID
+   dataset"):
+
+   a. "Ori": the base grading CNN alone, focal loss (stage 1 of the grader).
+   b. "Lesion(Pretrained)": ``G`` frozen; its masks weight the grader's low-level features
+      directly (no attention model), grader fine-tuned from (a).
+   c. "Lesion(Semi)": stage 2 without the discriminator: ``G`` fine-tuned with
+      ``lambda L_CE`` on the ground truth of IDRiD's pixel-level images and on the attention
+      maps (pseudo masks) of the image-level images, the lesion attentive grader with
+      ``L_Cls``; from (1) and (a).
+   d. "Lesion(Semi+Adv)": stage 2 with the discriminator: ``L_Seg = L_Adv + lambda L_CE``.
+
+   Each batch mixes pixel-level and image-level images (``method.pixel_fraction``; the paper
+   does not give the mix). Table 1: accuracy and quadratic weighted kappa on the dataset's test
+   split. Table 2: the EyePACS models on Messidor (every image), referable (grade >= 2) and
+   normal (grade 0) AUC and accuracy (:func:`drkeras.metrics.screening_scores`). Table 3: the
+   generators of (c) and (d) trained with IDRiD's grading set: CE2+Semi, CE2+Semi+Adv.
+
+Segmentation metrics (Table 3, Fig. 5): pixel-level ROC and PR curves pooled over IDRiD's
+segmentation test images per lesion (:class:`drkeras.metrics.PerLesionCurves`), at the model's
+input resolution, AUC-PR as average precision. Fig. 4: pre-trained (CE2) vs semi-supervised
+(CE2+Semi+Adv) masks vs ground truth on IDRiD test images (TP green, FN red, FP blue).
+
+Reading choices where the paper is silent are documented on :class:`Method`,
+:mod:`drkeras.models.collaborative` (grading backbone) and
+:class:`drkeras.training.adversarial.CollaborativeTrainer` (adversarial term).
+"""
+
+import dataclasses
+import logging
+import math
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow import keras
+
+from drkeras import keys, losses, metrics
+from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from drkeras.data import pipeline, preprocess
+from drkeras.experiment import Experiment, RunContext, main, run_config_summary
+from drkeras.export import export_model
+from drkeras.models import collaborative as nets
+from drkeras.plots import (
+    error_overlay,
+    new_figure,
+    plot_history,
+    plot_roc_pr_comparison,
+    save_figure,
+)
+from drkeras.results import ResultsTable
+from drkeras.training.adversarial import CollaborativeTrainer, GeneratorPretrainer
+from drkeras.training.optim import build_optimizer
+
+__all__ = [
+    "PAPER_MESSIDOR",
+    "PAPER_SEGMENTATION",
+    "PAPER_TABLE1",
+    "Collaborative",
+    "Method",
+]
+
+log = logging.getLogger("drkeras.collaborative")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Zhou et al. 2019's hyper-parameters (``--set method.<field>=...``).
+
+    Attributes:
+        lesions: lesion types segmented (section 4.1: MA, HE, EX, SE).
+        datasets: image-level datasets of Table 1, ``idrid`` and/or ``eyepacs`` (Table 2 needs
+            ``eyepacs``, Table 3's semi-supervised rows ``idrid``).
+        messidor: evaluate the EyePACS models on Messidor (Table 2).
+        lambda_ce: ``lambda`` of Eq. 3 (10, section 3.4).
+        focal_alpha, focal_gamma: ``L_Cls``, the focal loss; the paper cites Lin et al. 2017
+            without values, we take theirs (0.25, 2).
+        generator_widths, discriminator_widths: the five tuple widths (Fig. 2).
+        grader_low_channels, grader_widths, fusion_units: the grading model (Fig. 3: 32-channel
+            context vector, 1024-d pooled features, 4096 -> 1024 fusion).
+        pretrain_seg_epochs, pretrain_seg_batch: stage 1 of the generator (60 epochs, batch 32).
+        pretrain_grade_epochs, pretrain_grade_batch: stage 1 of the grader (30 epochs, batch
+            128). Stage 2 uses ``train.epochs`` (50) and ``data.batch_size`` (16); so does the
+            "Lesion(Pretrained)" grader, fine-tuned like a stage-2 model.
+        pixel_fraction: share of pixel-level images in a stage-2 batch (not given by the paper;
+            0.5 gives the discriminator as many real as fake examples).
+        bn_momentum: momentum of every batch norm's moving statistics, used at evaluation (not
+            given by the paper: Keras' 0.99; the smoke preset's few steps need 0.9, otherwise
+            the evaluated networks normalise with statistics still near their initial values).
+        run_eagerly: train and predict eagerly (faster for a few steps on a CPU, where tracing
+            the stage-2 graph costs more than the steps).
+        fig4_images: IDRiD segmentation test images shown in Fig. 4.
+    """
+
+    lesions: Tuple[str, ...] = nets.LESIONS
+    datasets: Tuple[str, ...] = ("idrid", "eyepacs")
+    messidor: bool = True
+    lambda_ce: float = 10.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    generator_widths: Tuple[int, ...] = nets.GENERATOR_WIDTHS
+    discriminator_widths: Tuple[int, ...] = nets.DISCRIMINATOR_WIDTHS
+    grader_low_channels: int = nets.GRADER_LOW_CHANNELS
+    grader_widths: Tuple[int, ...] = nets.GRADER_WIDTHS
+    fusion_units: int = 1024
+    pretrain_seg_epochs: int = 60
+    pretrain_seg_batch: int = 32
+    pretrain_grade_epochs: int = 30
+    pretrain_grade_batch: int = 128
+    pixel_fraction: float = 0.5
+    bn_momentum: float = 0.99
+    run_eagerly: bool = False
+    fig4_images: int = 2
+
+
+# Section 3.4: "The ADAM optimizer is adopted with the learning rate of 0.0002 and momentum of
+# 0.5" (beta_1), for every network; fine-tuning batch 16 over 50 epochs. The input size is
+# Fig. 2's 640 x 640. No network of the paper is ImageNet-initialised.
+_ADAM = OptimizerConfig(name="adam", learning_rate=2e-4, beta_1=0.5)
+PAPER = Config(
+    method=Method(),
+    data=DataConfig(image_size=640, batch_size=16, augment=True),  # flips and rotations, 4.1
+    model=ModelConfig(encoder_weights=None, width=1.0),
+    optimizers={"generator": _ADAM, "discriminator": _ADAM, "grader": _ADAM},
+    train=TrainConfig(epochs=50, verbose=2),
+)
+
+# Minutes on 2 CPU cores: 64 px, eighth-width networks, a few steps per stage, larger rates.
+_SMOKE_ADAM = OptimizerConfig(name="adam", learning_rate=2e-3, beta_1=0.5)
+SMOKE = Config(
+    method=Method(
+        pretrain_seg_epochs=4,
+        pretrain_seg_batch=4,
+        pretrain_grade_epochs=3,
+        pretrain_grade_batch=8,
+        bn_momentum=0.9,
+        run_eagerly=True,
+    ),
+    data=DataConfig(image_size=64, batch_size=4, synthetic_size=128, augment=True),
+    model=ModelConfig(encoder_weights=None, width=0.125),
+    optimizers={"generator": _SMOKE_ADAM, "discriminator": _SMOKE_ADAM, "grader": _SMOKE_ADAM},
+    train=TrainConfig(epochs=2, steps_per_epoch=8, verbose=2),
+)
+
+# ------------------------------------------------------------------------------ paper numbers
+
+GRADING_ROWS = ("Ori", "Lesion(Pretrained)", "Lesion(Semi)", "Lesion(Semi+Adv)")
+SEG_ROWS = ("CE1(Conv)", "CE2(Xception)", "CE2+Semi", "CE2+Semi+Adv")
+DATASET_NAMES = {"idrid": "IDRiD", "eyepacs": "EyePACS"}
+
+# Table 1: (accuracy, kappa) per dataset.
+PAPER_TABLE1: Dict[str, Dict[str, Tuple[float, float]]] = {
+    "idrid": {
+        "Ori": (0.8458, 0.7926),
+        "Lesion(Pretrained)": (0.8725, 0.8306),
+        "Lesion(Semi)": (0.9016, 0.8892),
+        "Lesion(Semi+Adv)": (0.9134, 0.9047),
+    },
+    "eyepacs": {
+        "Ori": (0.8541, 0.8351),
+        "Lesion(Pretrained)": (0.8598, 0.8445),
+        "Lesion(Semi)": (0.8792, 0.8617),
+        "Lesion(Semi+Adv)": (0.8912, 0.8720),
+    },
+}
+# Table 2: Messidor (referral AUC, referral accuracy, normal AUC, normal accuracy).
+PAPER_MESSIDOR: Dict[str, Tuple[float, float, float, float]] = {
+    "Ori": (0.934, 0.902, 0.889, 0.878),
+    "Lesion(Pretrained)": (0.953, 0.909, 0.919, 0.901),
+    "Lesion(Semi)": (0.971, 0.930, 0.937, 0.918),
+    "Lesion(Semi+Adv)": (0.976, 0.939, 0.943, 0.922),
+}
+MESSIDOR_COLUMNS = ("Referral AUC", "Referral Acc.", "Normal AUC", "Normal Acc.")
+# Table 3: per lesion (AUC ROC, AUC PR), lesions in the order MA, HE, EX, SE.
+PAPER_SEGMENTATION: Dict[str, Tuple[Tuple[float, float], ...]] = {
+    "CE1(Conv)": ((0.9503, 0.4625), (0.9438, 0.6456), (0.9615, 0.8263), (0.9443, 0.6817)),
+    "CE2(Xception)": ((0.9653, 0.4733), (0.9540, 0.6579), (0.9675, 0.8455), (0.9537, 0.7161)),
+    "CE2+Semi": ((0.9776, 0.4886), (0.9699, 0.6812), (0.9886, 0.8757), (0.9713, 0.7337)),
+    "CE2+Semi+Adv": ((0.9828, 0.4960), (0.9779, 0.6936), (0.9935, 0.8872), (0.9936, 0.7407)),
+}
+PAPER_LESION_ORDER = ("MA", "HE", "EX", "SE")
+STAGES = {
+    "Ori": "ori",
+    "Lesion(Pretrained)": "lesion_pretrained",
+    "Lesion(Semi)": "semi",
+    "Lesion(Semi+Adv)": "semi_adv",
+}
+
+
+def _seg_columns(lesion: str) -> Tuple[str, str]:
+    name = keys.LESION_NAMES.get(lesion, lesion)
+    return f"{name} AUC ROC", f"{name} AUC PR"
+
+
+def _tables(config: Config) -> Dict[str, ResultsTable]:
+    method = config.method
+    summary = run_config_summary(config)
+    columns1 = [
+        f"{DATASET_NAMES[d]} {metric}" for d in method.datasets for metric in ("Acc.", "Kappa")
+    ]
+    paper1 = {
+        row: {f"{DATASET_NAMES[d]} Acc.": PAPER_TABLE1[d][row][0] for d in method.datasets}
+        | {f"{DATASET_NAMES[d]} Kappa": PAPER_TABLE1[d][row][1] for d in method.datasets}
+        for row in GRADING_ROWS
+    }
+    tables = {
+        "table1": ResultsTable(
+            "table1",
+            "Table 1: lesion attentive grading, accuracy and quadratic weighted kappa on each "
+            "dataset's test split (generator pre-trained on IDRiD's pixel-level images); "
+            + summary,
+            columns1,
+            paper=paper1,
+            digits=4,
+        )
+    }
+    if method.messidor and "eyepacs" in method.datasets:
+        tables["table2"] = ResultsTable(
+            "table2",
+            "Table 2: Messidor (every image), models trained on EyePACS; referable = grade >= 2, "
+            "normal = grade 0, AUC of the summed grade probabilities, accuracy at 0.5; " + summary,
+            MESSIDOR_COLUMNS,
+            paper={r: dict(zip(MESSIDOR_COLUMNS, v)) for r, v in PAPER_MESSIDOR.items()},
+            digits=3,
+        )
+    paper3 = {}
+    columns3 = [c for lesion in method.lesions for c in _seg_columns(lesion)]
+    for row, values in PAPER_SEGMENTATION.items():
+        paper3[row] = {}
+        for lesion, (roc, pr) in zip(PAPER_LESION_ORDER, values):
+            if lesion in method.lesions:
+                roc_col, pr_col = _seg_columns(lesion)
+                paper3[row][roc_col], paper3[row][pr_col] = roc, pr
+    rows3 = SEG_ROWS if "idrid" in method.datasets else SEG_ROWS[:2]
+    tables["table3"] = ResultsTable(
+        "table3",
+        "Table 3: lesion segmentation on IDRiD's segmentation test set, pixel AUC-ROC and "
+        "AUC-PR (average precision) pooled over the images at the model resolution; CE1 plain "
+        "convolutions, CE2 Xception modules, Semi/Adv: stage 2 with IDRiD's grading images; "
+        + summary,
+        columns3,
+        paper={row: paper3[row] for row in rows3},
+        digits=4,
+    )
+    return tables
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+class _Run:
+    """One execution of :class:`Collaborative` (models, data and tables of the run)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.config = ctx.config
+        self.method: Method = ctx.config.method
+        self.data = ctx.config.data
+        self.size = int(self.data.image_size)
+        self.shape = (self.size, self.size, 3)
+        self.lesions = tuple(self.method.lesions)
+        self.width = float(self.config.model.width)
+        self._check()
+        self.tables = _tables(self.config)
+        self._datasets: Dict[tuple, tf.data.Dataset] = {}
+        self._pool: Dict[tuple, Tuple[keras.Model, Optional[list]]] = {}
+
+    def _check(self) -> None:
+        method = self.method
+        unknown = [d for d in method.datasets if d not in DATASET_NAMES]
+        if unknown or not method.datasets:
+            raise ValueError(f"method.datasets={method.datasets}: choose among idrid, eyepacs")
+        bad = [lesion for lesion in method.lesions if lesion not in keys.LESIONS]
+        if bad or not method.lesions:
+            raise ValueError(f"method.lesions={method.lesions}: choose among {keys.LESIONS}")
+        if self.config.model.encoder_weights is not None:
+            raise ValueError(
+                f"model.encoder_weights={self.config.model.encoder_weights!r}: the networks of "
+                "Zhou et al. 2019 have no pretrained weights; set model.encoder_weights=none"
+            )
+        for name in ("generator", "discriminator", "grader"):
+            if name not in self.config.optimizers:
+                raise ValueError(f"optimizers.{name} is missing (one optimizer per network)")
+
+    # -------------------------------------------------------------------------- helpers
+
+    def _preprocess(self) -> dict:
+        return {
+            "fov_crop": self.data.fov_crop,
+            "graham": self.data.graham,
+            "normalization": self.data.normalization,
+        }
+
+    def _optimizer(self, name: str):
+        return build_optimizer(self.config.optimizers[name])
+
+    def _steps(self, count: int, batch: int) -> int:
+        steps = self.config.train.steps_per_epoch
+        return int(steps) if steps else max(1, math.ceil(count / batch))
+
+    def _count(self, records_dir, split: str, *, pixel: bool) -> int:
+        labels = pipeline.read_labels(records_dir, split)
+        if pixel:
+            index = [keys.LESIONS.index(lesion) for lesion in self.lesions]
+            n = int(labels[keys.MASK_PRESENT][:, index].any(axis=1).sum())
+        else:
+            grades = labels[keys.GRADE]
+            n = int(((grades >= 0) & (grades < self.config.model.num_grades)).sum())
+        if self.data.max_examples:
+            n = min(n, self.data.max_examples)
+        if n == 0:
+            kind = "lesion masks" if pixel else "DR grades"
+            raise ValueError(f"{records_dir} split {split!r} has no image with {kind}")
+        return n
+
+    def _dataset(self, key: tuple, build: Callable[[], tf.data.Dataset]) -> tf.data.Dataset:
+        if key not in self._datasets:
+            self._datasets[key] = build()
+        return self._datasets[key]
+
+    def _outputs(self, model: keras.Model, images) -> Dict[str, np.ndarray]:
+        out = (
+            model(images, training=False)
+            if self.method.run_eagerly
+            else model.predict_on_batch(images)
+        )
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def _focal(self):
+        return losses.CategoricalFocalLoss(
+            alpha=self.method.focal_alpha, gamma=self.method.focal_gamma
+        )
+
+    def _fit(self, model, data, stage: str, *, epochs: int, count: int, batch: int):
+        return self.ctx.fit(
+            model, data, stage=stage, epochs=epochs, steps_per_epoch=self._steps(count, batch)
+        )
+
+    # -------------------------------------------------------------------------- data
+
+    def _seg_train(self, batch: int) -> tf.data.Dataset:
+        idrid = self.ctx.records("idrid")
+        return self._dataset(
+            ("seg_train", batch),
+            lambda: pipeline.segmentation_dataset(
+                idrid,
+                "train",
+                size=self.size,
+                batch_size=batch,
+                lesions=self.lesions,
+                augment=self.data.augment,
+                repeat=True,
+                seed=self.config.seed,
+                max_examples=self.data.max_examples,
+                **self._preprocess(),
+            ),
+        )
+
+    def _seg_test(self) -> tf.data.Dataset:
+        idrid = self.ctx.records("idrid")
+        return self._dataset(
+            ("seg_test",),
+            lambda: pipeline.segmentation_dataset(
+                idrid,
+                "test",
+                size=self.size,
+                batch_size=self.data.batch_size,
+                lesions=self.lesions,
+                shuffle=False,
+                max_examples=self.data.max_examples,
+                **self._preprocess(),
+            ),
+        )
+
+    def _grade_train(self, dataset: str, batch: int) -> tf.data.Dataset:
+        records = self.ctx.records(dataset)
+        num_grades = self.config.model.num_grades
+
+        def build():
+            ds = pipeline.grading_dataset(
+                records,
+                "train",
+                size=self.size,
+                batch_size=batch,
+                num_classes=num_grades,
+                augment=self.data.augment,
+                repeat=True,
+                seed=self.config.seed,
+                max_examples=self.data.max_examples,
+                **self._preprocess(),
+            )
+            return ds.map(
+                lambda image, grade: (image, {keys.GRADE_PROBS: tf.one_hot(grade, num_grades)})
+            )
+
+        return self._dataset(("grade_train", dataset, batch), build)
+
+    def _grade_test(self, dataset: str, split: str = "test") -> tf.data.Dataset:
+        records = self.ctx.records(dataset)
+        return self._dataset(
+            ("grade_test", dataset, split),
+            lambda: pipeline.grading_dataset(
+                records,
+                split,
+                size=self.size,
+                batch_size=self.data.batch_size,
+                num_classes=self.config.model.num_grades,
+                shuffle=False,
+                max_examples=self.data.max_examples,
+                **self._preprocess(),
+            ),
+        )
+
+    def _mixed_train(self, dataset: str) -> tf.data.Dataset:
+        """Pixel-level IDRiD images and the image-level images of ``dataset`` in each batch."""
+        idrid = self.ctx.records("idrid")
+        options = {}
+        if dataset != "idrid":
+            # Only the other dataset's images are image-level: drop IDRiD's grading images.
+            labels = pipeline.read_labels(idrid, "train")
+            index = [keys.LESIONS.index(lesion) for lesion in self.lesions]
+            no_masks = ~labels[keys.MASK_PRESENT][:, index].any(axis=1)
+            options = {
+                "image_level_dir": self.ctx.records(dataset),
+                "exclude_ids": [str(i) for i in labels[keys.ID][no_masks]],
+            }
+        return self._dataset(
+            ("mixed", dataset),
+            lambda: pipeline.mixed_dataset(
+                idrid,
+                "train",
+                pixel_fraction=self.method.pixel_fraction,
+                size=self.size,
+                batch_size=self.data.batch_size,
+                lesions=self.lesions,
+                augment=self.data.augment,
+                repeat=True,
+                seed=self.config.seed,
+                max_examples=self.data.max_examples,
+                **options,
+                **self._preprocess(),
+            ),
+        )
+
+    # -------------------------------------------------------------------------- models
+
+    def _net(self, key: tuple, build: Callable[[], keras.Model]) -> keras.Model:
+        """Each network is built once (in the strategy scope) and handed out again at its
+        initial weights: building these many-layer functional models costs seconds each on a
+        CPU, and every row then starts from the same initialisation."""
+        if key in self._pool:
+            model, initial = self._pool[key]
+            model.set_weights(initial)
+        else:
+            with self.ctx.strategy.scope():
+                model = build()
+            self._pool[key] = (model, model.get_weights())
+        model.trainable = True
+        return model
+
+    def _common(self) -> dict:
+        # Synchronised batch norm only when there are several replicas (see conv_tuple).
+        return {
+            "width": self.width,
+            "sync_batchnorm": self.ctx.replicas > 1,
+            "bn_momentum": self.method.bn_momentum,
+        }
+
+    def _generator(self, separable: bool = True, weights=None) -> keras.Model:
+        generator = self._net(
+            ("generator", separable),
+            lambda: nets.build_xception_unet(
+                input_shape=self.shape,
+                num_lesions=len(self.lesions),
+                widths=self.method.generator_widths,
+                separable=separable,
+                name="generator_ce2" if separable else "generator_ce1",
+                **self._common(),
+            ),
+        )
+        if weights is not None:
+            generator.set_weights(weights)
+        return generator
+
+    def _base_grader(self) -> keras.Model:
+        return self._net(
+            ("base",),
+            lambda: nets.build_base_grader(
+                input_shape=self.shape,
+                num_grades=self.config.model.num_grades,
+                low_channels=self.method.grader_low_channels,
+                widths=self.method.grader_widths,
+                dropout=self.config.model.dropout,
+                **self._common(),
+            ),
+        )
+
+    def _attentive(self, attention: bool, base_weights) -> keras.Model:
+        """The lesion attentive grader (or the mask-weighted one) on the pre-trained base."""
+        base = self._base_grader()
+        grader = self._net(
+            ("attentive", attention),
+            lambda: nets.build_lesion_attentive_grader(
+                base,
+                num_lesions=len(self.lesions),
+                attention=attention,
+                fusion_units=self.method.fusion_units,
+                width=self.width,
+                dropout=self.config.model.dropout,
+            ),
+        )
+        # After the reset of the grader (which shares the base's layers): the base's weights.
+        base.set_weights(base_weights)
+        return grader
+
+    def _discriminator(self) -> keras.Model:
+        return self._net(
+            ("discriminator",),
+            lambda: nets.build_discriminator(
+                input_shape=self.shape,
+                num_lesions=len(self.lesions),
+                widths=self.method.discriminator_widths,
+                **self._common(),
+            ),
+        )
+
+    def _inference(self, generator: keras.Model, attention: bool) -> keras.Model:
+        """``image -> G -> C`` over the pooled networks (no weights of its own)."""
+        key = ("inference", attention)
+        if key not in self._pool:
+            grader = self._pool[("attentive", attention)][0]
+            with self.ctx.strategy.scope():
+                model = nets.build_collaborative_model(generator, grader)
+            self._pool[key] = (model, None)
+        return self._pool[key][0]
+
+    # -------------------------------------------------------------------------- training
+
+    def pretrain_generator(self, separable: bool) -> keras.Model:
+        """Stage 1 of ``G``: ``L_CE`` on IDRiD's pixel-level training images."""
+        generator = self._generator(separable)
+        with self.ctx.strategy.scope():
+            trainer = GeneratorPretrainer(generator)
+            trainer.compile(
+                g_optimizer=self._optimizer("generator"), run_eagerly=self.method.run_eagerly
+            )
+        batch = self.method.pretrain_seg_batch
+        count = self._count(self.ctx.records("idrid"), "train", pixel=True)
+        self._fit(
+            trainer,
+            self._seg_train(batch),
+            "pretrain_ce2" if separable else "pretrain_ce1",
+            epochs=self.method.pretrain_seg_epochs,
+            count=count,
+            batch=batch,
+        )
+        return generator
+
+    def pretrain_grader(self, dataset: str) -> keras.Model:
+        """Stage 1 of ``C`` ("Ori"): the base grading CNN with ``L_Cls`` on ``dataset``."""
+        base = self._base_grader()
+        with self.ctx.strategy.scope():
+            base.compile(
+                optimizer=self._optimizer("grader"),
+                loss={keys.GRADE_PROBS: self._focal()},
+                run_eagerly=self.method.run_eagerly,
+            )
+        batch = self.method.pretrain_grade_batch
+        self._fit(
+            base,
+            self._grade_train(dataset, batch),
+            f"{dataset}_{STAGES['Ori']}",
+            epochs=self.method.pretrain_grade_epochs,
+            count=self._count(self.ctx.records(dataset), "train", pixel=False),
+            batch=batch,
+        )
+        return base
+
+    def train_mask_weighted(self, dataset, generator_weights, base_weights) -> keras.Model:
+        """ "Lesion(Pretrained)": frozen ``G``'s masks weight ``f_low``; only ``C`` trains."""
+        generator = self._generator(True, generator_weights)
+        self._attentive(False, base_weights)
+        model = self._inference(generator, attention=False)
+        generator.trainable = False
+        with self.ctx.strategy.scope():
+            model.compile(
+                optimizer=self._optimizer("grader"),
+                loss={keys.GRADE_PROBS: self._focal()},
+                run_eagerly=self.method.run_eagerly,
+            )
+        batch = self.data.batch_size
+        self._fit(
+            model,
+            self._grade_train(dataset, batch),
+            f"{dataset}_{STAGES['Lesion(Pretrained)']}",
+            epochs=self.config.train.epochs,
+            count=self._count(self.ctx.records(dataset), "train", pixel=False),
+            batch=batch,
+        )
+        return model
+
+    def train_collaborative(
+        self, dataset, generator_weights, base_weights, *, adversarial: bool
+    ) -> Tuple[keras.Model, keras.Model]:
+        """Stage 2 ("Lesion(Semi)" / "Lesion(Semi+Adv)"); returns (generator, inference model)."""
+        generator = self._generator(True, generator_weights)
+        grader = self._attentive(True, base_weights)
+        discriminator = self._discriminator() if adversarial else None
+        with self.ctx.strategy.scope():
+            trainer = CollaborativeTrainer(generator, grader, discriminator)
+            trainer.compile(
+                g_optimizer=self._optimizer("generator"),
+                c_optimizer=self._optimizer("grader"),
+                d_optimizer=self._optimizer("discriminator") if adversarial else None,
+                lambda_ce=self.method.lambda_ce,
+                focal_alpha=self.method.focal_alpha,
+                focal_gamma=self.method.focal_gamma,
+                run_eagerly=self.method.run_eagerly,
+            )
+        row = "Lesion(Semi+Adv)" if adversarial else "Lesion(Semi)"
+        idrid = self.ctx.records("idrid")
+        count = self._count(idrid, "train", pixel=True)
+        if dataset == "idrid":
+            count = self._count(idrid, "train", pixel=False) + count
+        else:
+            count += self._count(self.ctx.records(dataset), "train", pixel=False)
+        self._fit(
+            trainer,
+            self._mixed_train(dataset),
+            f"{dataset}_{STAGES[row]}",
+            epochs=self.config.train.epochs,
+            count=count,
+            batch=self.data.batch_size,
+        )
+        return generator, self._inference(generator, attention=True)
+
+    # -------------------------------------------------------------------------- evaluation
+
+    def grading_predictions(self, model, dataset: str, split: str = "test"):
+        probs, grades = [], []
+        for image, grade in self._grade_test(dataset, split):
+            probs.append(self._outputs(model, image)[keys.GRADE_PROBS])
+            grades.append(grade.numpy())
+        return np.concatenate(probs), np.concatenate(grades)
+
+    def add_grading(self, row: str, dataset: str, model) -> None:
+        probs, grades = self.grading_predictions(model, dataset)
+        scores = metrics.grading_scores(probs, grades)
+        name = DATASET_NAMES[dataset]
+        self.tables["table1"].add(row, f"{name} Acc.", scores["accuracy"])
+        self.tables["table1"].add(row, f"{name} Kappa", scores["kappa"])
+        log.info(
+            "%s %s: accuracy %.3f, kappa %.3f", dataset, row, scores["accuracy"], scores["kappa"]
+        )
+        if dataset == "eyepacs" and "table2" in self.tables:
+            probs, grades = self.grading_predictions(model, "messidor")
+            screening = metrics.screening_scores(probs, grades, scale="messidor")
+            values = (
+                screening["referable_auc"],
+                screening["referable_accuracy"],
+                screening["normal_auc"],
+                screening["normal_accuracy"],
+            )
+            for column, value in zip(MESSIDOR_COLUMNS, values):
+                self.tables["table2"].add(row, column, value)
+
+    def segmentation_curves(self, generator) -> metrics.PerLesionCurves:
+        curves = metrics.PerLesionCurves(self.lesions)
+        for image, targets in self._seg_test():
+            probs = self._outputs(generator, image)[keys.LESION_PROBS]
+            curves.update(probs, targets[keys.MASKS].numpy(), targets[keys.MASK_PRESENT].numpy())
+        return curves
+
+    def add_segmentation(self, row: str, curves: metrics.PerLesionCurves) -> None:
+        roc, pr = curves.roc_auc(), curves.pr_auc("ap")
+        for lesion in self.lesions:
+            roc_col, pr_col = _seg_columns(lesion)
+            self.tables["table3"].add(row, roc_col, roc[lesion])
+            self.tables["table3"].add(row, pr_col, pr[lesion])
+
+    # -------------------------------------------------------------------------- figures, export
+
+    def _display(self, image) -> np.ndarray:
+        shown = preprocess.denormalize(image, self.data.normalization).numpy()
+        return np.clip(shown, 0, 255).astype(np.uint8)
+
+    def fig4(self, generator: keras.Model, before_weights, after_weights):
+        """Fig. 4: per lesion, the pre-trained and the semi-supervised masks beside the truth
+        (``generator`` evaluated at the two sets of weights)."""
+        images, truths = [], []
+        for image, targets in self._seg_test():
+            images.append(image)
+            truths.append(targets[keys.MASKS].numpy())
+            if sum(len(i) for i in images) >= self.method.fig4_images:
+                break
+        if not images:
+            return None
+        predictions = []
+        for weights in (before_weights, after_weights):
+            generator.set_weights(weights)
+            predictions.append(
+                np.concatenate([self._outputs(generator, i)[keys.LESION_PROBS] for i in images])
+            )
+        count = self.method.fig4_images
+        shown = list(
+            zip(
+                np.concatenate([np.asarray(i) for i in images])[:count],
+                predictions[0][:count],
+                predictions[1][:count],
+                np.concatenate(truths)[:count],
+            )
+        )
+        columns = ("pre-trained (CE2)", "semi-supervised (CE2+Semi+Adv)", "ground truth")
+        fig = new_figure((3.0 * len(columns) * len(shown), 3.0 * len(self.lesions)))
+        for i, (image, before, after, truth) in enumerate(shown):
+            picture = self._display(image)
+            for row, lesion in enumerate(self.lesions):
+                target = truth[..., row].astype(bool)
+                panels = (
+                    error_overlay(picture, before[..., row] >= 0.5, target),
+                    error_overlay(picture, after[..., row] >= 0.5, target),
+                    error_overlay(picture, target, target),
+                )
+                for col, panel in enumerate(panels):
+                    ax = fig.add_subplot(
+                        len(self.lesions),
+                        len(columns) * len(shown),
+                        row * len(columns) * len(shown) + i * len(columns) + col + 1,
+                    )
+                    ax.imshow(panel)
+                    ax.axis("off")
+                    if row == 0:
+                        ax.set_title(f"image {i + 1}: {columns[col]}", fontsize=7)
+                    if col == 0 and i == 0:
+                        ax.text(
+                            -0.05,
+                            0.5,
+                            keys.LESION_NAMES.get(lesion, lesion),
+                            rotation=90,
+                            va="center",
+                            ha="right",
+                            transform=ax.transAxes,
+                            fontsize=8,
+                        )
+        fig.suptitle(
+            "Fig. 4-style comparison on IDRiD test (TP green, FN red, FP blue; threshold 0.5)",
+            fontsize=9,
+        )
+        return save_figure(fig, self.ctx.out_dir / "fig4_comparison.png")
+
+    def export(self, generator: keras.Model, model: keras.Model) -> None:
+        channels = [(lesion, [lesion]) for lesion in self.lesions]
+        export_model(
+            generator,
+            self.ctx.export_dir / "collaborative_generator",
+            image_size=self.size,
+            preprocess=self._preprocess(),
+            output_names=[keys.LESION_PROBS],
+            channels={keys.LESION_PROBS: channels},
+        )
+        export_model(
+            model,
+            self.ctx.export_dir / "collaborative_grader",
+            image_size=self.size,
+            preprocess=self._preprocess(),
+            output_names=[keys.GRADE_PROBS, keys.ATTENTION, keys.LESION_PROBS],
+            channels={keys.ATTENTION: channels, keys.LESION_PROBS: channels},
+        )
+
+    # -------------------------------------------------------------------------- the run
+
+    def run(self) -> List[ResultsTable]:
+        tf.keras.utils.set_random_seed(self.config.seed)
+        curves = {}
+        ce1 = self.pretrain_generator(separable=False)
+        curves["CE1(Conv)"] = self.segmentation_curves(ce1)
+        ce2 = self.pretrain_generator(separable=True)
+        curves["CE2(Xception)"] = self.segmentation_curves(ce2)
+        generator_weights = ce2.get_weights()
+        final = None  # (generator, grader) weights of the Semi+Adv model exported
+        for dataset in self.method.datasets:
+            base = self.pretrain_grader(dataset)
+            self.add_grading("Ori", dataset, base)
+            base_weights = base.get_weights()
+            masked = self.train_mask_weighted(dataset, generator_weights, base_weights)
+            self.add_grading("Lesion(Pretrained)", dataset, masked)
+            for adversarial in (False, True):
+                row = "Lesion(Semi+Adv)" if adversarial else "Lesion(Semi)"
+                generator, model = self.train_collaborative(
+                    dataset, generator_weights, base_weights, adversarial=adversarial
+                )
+                self.add_grading(row, dataset, model)
+                if dataset == "idrid":
+                    curves["CE2+Semi+Adv" if adversarial else "CE2+Semi"] = (
+                        self.segmentation_curves(generator)
+                    )
+                if adversarial and (final is None or dataset == "idrid"):
+                    grader = self._pool[("attentive", True)][0]
+                    final = (generator.get_weights(), grader.get_weights())
+        for row, row_curves in curves.items():
+            self.add_segmentation(row, row_curves)
+        plot_roc_pr_comparison(
+            curves,
+            self.ctx.out_dir / "fig5_roc_pr.png",
+            title="Fig. 5: ROC and PR curves on IDRiD test, pooled pixels",
+        )
+        generator = self._generator(True)
+        self.fig4(generator, generator_weights, final[0])
+        if self.ctx.is_chief:
+            generator.set_weights(final[0])
+            grader = self._pool[("attentive", True)][0]
+            grader.set_weights(final[1])
+            self.export(generator, self._inference(generator, attention=True))
+        if self.ctx.history_path.exists():
+            plot_history(self.ctx.history_path, self.ctx.out_dir / "training_curves.png")
+        return list(self.tables.values())
+
+
+class Collaborative(Experiment):
+    """Zhou et al. 2019: Tables 1-3, Fig. 4 and Fig. 5 (see the module docstring).
+
+    Example::
+
+        from experiments.collaborative import Collaborative, main
+        main(Collaborative(), ["--preset", "smoke", "--out", "runs/collab"])
+    """
+
+    name = "collaborative"
+    title = "Collaborative semi-supervised lesion segmentation and DR grading (Zhou et al. 2019)"
+    presets = {"smoke": SMOKE, "paper": PAPER}
+
+    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
+        return _Run(ctx).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(Collaborative()))
