@@ -53,15 +53,14 @@ DR 0 with ``p(DR >= 1) = 1 - p_0 >= 0.5`` (:func:`drkeras.metrics.screening_scor
 
 Input (section III "Preprocessing"): resized to ``method.resize_size`` (256), random crops of
 ``data.image_size`` (224) for training (a central crop for evaluation), random flips both ways,
-random padding (a random shift with black fill) and hue/contrast/saturation jitter, each image
-standardised by its own mean and standard deviation (``data.normalization="standardize"``). The
+random padding (a random shift with black fill), hue/contrast/saturation jitter for the
+classification images only, as the paper says; each image standardised by its own mean and
+standard deviation (``data.normalization="standardize"``). The
 exported model (``export/cooperative``) resizes the field of view to ``data.image_size`` directly
 (the serving preprocessing has no crop).
 
 Reading choices (documented on :class:`Method`): widths and depths of the networks, learning
-rates, batch sizes and epochs are not given in the paper. Deviation: the colour jitter is also
-applied to the segmentation stream, because ``two_stream_dataset`` takes one set of augmentation
-parameters for both streams.
+rates, batch sizes and epochs are not given in the paper.
 """
 
 from __future__ import annotations
@@ -134,9 +133,11 @@ PAPER_TABLE3 = {
 PAPER_TABLE4 = {VGG: {BINARY: 89.5}, INCEPTION: {BINARY: 94.7}, JOINT: {BINARY: 95.5}}
 HUMAN_BINARY = 95.1
 
-# Section III "Preprocessing": flips left/right and up/down, random padding, and "changing the
-# image pixel values randomly using hue, contrast and saturation". The ranges are not given.
-JOINTSEG_AUGMENT = aug.AugmentParams(
+# Section III "Preprocessing": flips left/right and up/down and random padding "for both
+# classification and segmentation" (masks transformed with their image); "for classification
+# additional augmentation such as ... changing the image pixel values randomly using hue,
+# contrast and saturation". The ranges are not given.
+SEGMENTATION_AUGMENT = aug.AugmentParams(
     flip_horizontal=True,
     flip_vertical=True,
     rotate90=False,
@@ -145,9 +146,12 @@ JOINTSEG_AUGMENT = aug.AugmentParams(
     shift=0.05,  # random padding: the image shifted by up to 5 % of its side, black fill
     shear_deg=0.0,
     brightness=0.0,
-    contrast=0.2,
-    saturation=0.2,
-    hue=0.02,
+    contrast=0.0,
+    saturation=0.0,
+    hue=0.0,
+)
+CLASSIFICATION_AUGMENT = dataclasses.replace(
+    SEGMENTATION_AUGMENT, contrast=0.2, saturation=0.2, hue=0.02
 )
 
 
@@ -507,12 +511,14 @@ class _Run:
             "normalization": self.data.normalization,
         }
 
-    def _stream_options(self) -> dict:
+    def _stream_options(self, task: str) -> dict:
+        """Pipeline keywords of the ``"segmentation"`` or ``"classification"`` stream."""
+        params = CLASSIFICATION_AUGMENT if task == "classification" else SEGMENTATION_AUGMENT
         return dict(
             size=self.method.resize_size,
             crop_size=self.size,
             augment=self.data.augment,
-            augment_params=JOINTSEG_AUGMENT,
+            augment_params=params,
             max_examples=self.data.max_examples,
             **self._preprocess(),
         )
@@ -544,7 +550,9 @@ class _Run:
             ratio=self.method.batch_ratio,
             seed=seed,
             drop_remainder=True,
-            **self._stream_options(),
+            seg_options={"augment_params": SEGMENTATION_AUGMENT},
+            cls_options={"augment_params": CLASSIFICATION_AUGMENT},
+            **self._stream_options("segmentation"),
         )
         return ds.map(
             lambda x, y: (x, {SEG_TARGET: self._classes(y[keys.MASKS]), keys.GRADE: y[keys.GRADE]})
@@ -562,7 +570,7 @@ class _Run:
             repeat=True,
             shuffle=True,
             drop_remainder=True,
-            **self._stream_options(),
+            **self._stream_options("segmentation"),
         )
         return ds.map(lambda x, y: (x, {keys.SEG_PROBS: self._classes(y[keys.MASKS])}))
 
@@ -579,7 +587,7 @@ class _Run:
             repeat=True,
             shuffle=True,
             drop_remainder=True,
-            **self._stream_options(),
+            **self._stream_options("classification"),
         )
         return ds.map(lambda x, grade: (x, {keys.GRADE_PROBS: grade}))
 
@@ -588,7 +596,7 @@ class _Run:
         crops), read once."""
 
         def read():
-            options = dict(self._stream_options(), augment=False)
+            options = dict(self._stream_options("segmentation"), augment=False)
             ds = pipeline.segmentation_dataset(
                 self.seg_dir, self.method.seg_test_split, batch_size=8, shuffle=False, **options
             )
@@ -600,7 +608,7 @@ class _Run:
         """Batches ``(image, grade)`` of the classification test split, read once."""
 
         def read():
-            options = dict(self._stream_options(), augment=False)
+            options = dict(self._stream_options("classification"), augment=False)
             ds = pipeline.grading_dataset(
                 self.cls_dir,
                 self.method.cls_test_split,

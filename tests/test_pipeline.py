@@ -191,6 +191,21 @@ def test_two_streams_have_k_times_more_classifier_images(data):
     assert targets[keys.GRADE].shape == (6,) and targets[keys.GRADE].min() >= 0
 
 
+def test_two_streams_take_per_stream_options_over_the_common_ones(data):
+    root, _, _ = data
+    common = dict(size=SIZE, fov_crop=False, augment=False, shuffle=False, repeat=False)
+    ds = pipeline.two_stream_dataset(
+        root, "train", root, "train", seg_batch_size=1, ratio=2,
+        cls_options={"normalization": "standardize"}, **common,
+    )  # fmt: skip
+    inputs, _ = _first(ds)
+    seg_alone, _ = _first(pipeline.segmentation_dataset(root, "train", batch_size=1, **common))
+    np.testing.assert_array_equal(inputs[pipeline.SEG_IMAGE], seg_alone)  # "unit" as common
+    cls = inputs[pipeline.CLS_IMAGE]  # standardised per image: mean 0, std 1
+    np.testing.assert_allclose(cls.mean(axis=(1, 2, 3)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(cls.std(axis=(1, 2, 3)), 1.0, atol=1e-2)
+
+
 def test_patch_dataset_labels_match_a_numpy_reference(data):
     root, train, _ = data
     kwargs = dict(image_size=SIZE, grid=8, patch_size=4, fov_crop=False, shuffle=False)

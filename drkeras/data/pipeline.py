@@ -45,7 +45,7 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
@@ -862,6 +862,8 @@ def two_stream_dataset(
     seed: int = 0,
     repeat: bool = True,
     input_context: Optional[tf.distribute.InputContext] = None,
+    seg_options: Optional[Mapping] = None,
+    cls_options: Optional[Mapping] = None,
     **common,
 ) -> tf.data.Dataset:
     """A segmentation stream and a grading stream with ``ratio`` times its batch size, zipped
@@ -878,6 +880,9 @@ def two_stream_dataset(
         seg_batch_size: segmentation batch; the classifier batch is ``ratio * seg_batch_size``.
         ratio: classifier-to-segmentation batch ratio k.
         size, lesions, seed, repeat, input_context: as in :func:`segmentation_dataset`.
+        seg_options / cls_options: keywords for one stream only, over ``common`` (e.g.
+            ``cls_options={"augment_params": with_colour}``: the cooperative-learning paper
+            jitters hue, contrast and saturation of the classification images only).
         **common: any other keyword of :func:`segmentation_dataset` / :func:`grading_dataset`
             (``augment``, ``normalization``, ``crop_size``, ...), applied to both streams.
 
@@ -897,7 +902,7 @@ def two_stream_dataset(
         seed=seed,
         repeat=repeat,
         input_context=input_context,
-        **common,
+        **{**common, **(seg_options or {})},
     )
     cls = grading_dataset(
         cls_dir,
@@ -907,7 +912,7 @@ def two_stream_dataset(
         seed=seed + 1,
         repeat=repeat,
         input_context=input_context,
-        **common,
+        **{**common, **(cls_options or {})},
     )
 
     def merge(seg_element, cls_element):
