@@ -9,10 +9,10 @@ Command::
     python experiments/cooperative.py                               # synthetic, smoke
     python experiments/cooperative.py --data RECORDS --preset paper  # RECORDS/{idrid,eyepacs}
 
-Expected runtime: smoke, about 3-5 minutes on 2 CPU cores shared with other jobs (measured
-3 min 27 s wall, 3 min 8 s of CPU; synthetic IDRiD and EyePACS layouts generated and converted
-at twice the default counts, 10 training stages of 30 eager steps at 96 px); paper, days on a
-GPU (not run here).
+Expected runtime: smoke, 3-4 minutes on 2 CPU cores (measured from a fresh clone: 2 min 44 s wall; 3
+min 27 s wall, 3 min 8 s of CPU beside other jobs; synthetic IDRiD and EyePACS layouts generated and
+converted at twice the default counts, 10 training stages of 30 eager steps at 96 px); paper, days
+on a GPU (not run here).
 
 Expected result: smoke, every cell of Tables I-IV and of the partial-label table filled beside
 the paper's numbers, ``fig6_segmentation.png``, ``training_curves.png`` and

@@ -10,11 +10,11 @@ Command::
     python experiments/ssl_gan.py                                # --data synthetic --preset smoke
     python experiments/ssl_gan.py --data RECORDS --preset paper  # RECORDS/idrid (data_prep)
 
-Expected runtime: smoke, about 7 minutes on 2 CPU cores (measured: 6 min 53 s wall, 4 min of
-CPU, beside other jobs on the machine; the synthetic IDRiD layout generated and converted, a
-cohort of 26 images at 256 px split 16 / 5 / 5; 2 label columns x 2 samplings x 5 networks of a
-few eager steps each, plus the exports). Paper: GPU days (5 columns x 5 samplings of 1200 SSL-GAN
-epochs of ~95 steps of 100 patches, plus the baselines with early stopping; not run here).
+Expected runtime: smoke, 4-7 minutes on 2 CPU cores (measured from a fresh clone: 3 min 52 s wall, 3
+min 34 s of CPU; 6 min 53 s beside other jobs; the synthetic IDRiD layout generated and converted, a
+cohort of 26 images at 256 px split 16 / 5 / 5; 2 label columns x 2 samplings x 5 networks of a few
+eager steps each, plus the exports). Paper: GPU days (5 columns x 5 samplings of 1200 SSL-GAN epochs
+of ~95 steps of 100 patches, plus the baselines with early stopping; not run here).
 
 Expected result: smoke, every cell of Tables 1, 2 and 7 filled (mean ± std over 2 samplings)
 beside the paper's numbers, the localisation and threshold tables, ``fig2_patch_scores_*.png``,
