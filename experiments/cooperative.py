@@ -137,18 +137,11 @@ HUMAN_BINARY = 95.1
 # classification and segmentation" (masks transformed with their image); "for classification
 # additional augmentation such as ... changing the image pixel values randomly using hue,
 # contrast and saturation". The ranges are not given.
-SEGMENTATION_AUGMENT = aug.AugmentParams(
+SEGMENTATION_AUGMENT = dataclasses.replace(
+    aug.NO_AUGMENT,
     flip_horizontal=True,
     flip_vertical=True,
-    rotate90=False,
-    rotation_deg=0.0,
-    zoom=0.0,
     shift=0.05,  # random padding: the image shifted by up to 5 % of its side, black fill
-    shear_deg=0.0,
-    brightness=0.0,
-    contrast=0.0,
-    saturation=0.0,
-    hue=0.0,
 )
 CLASSIFICATION_AUGMENT = dataclasses.replace(
     SEGMENTATION_AUGMENT, contrast=0.2, saturation=0.2, hue=0.02
@@ -217,20 +210,15 @@ class Method:
 # momentum (0.9), the policy's power (0.9, the usual "poly" policy), the batch (2 segmentation
 # images -> 64 classification images per step) and the length (50 epochs of the 3.5K annotated
 # images: 1750 steps each, during which the classifier sees 112K images, 4.5 passes over 25K).
+# Section III, "Training procedure": Nesterov momentum with a polynomial learning-rate policy.
+_NESTEROV_POLY = OptimizerConfig(
+    name="sgd", learning_rate=1e-3, momentum=0.9, nesterov=True, schedule="polynomial", power=0.9
+)
 PAPER = Config(
     method=Method(),
     data=DataConfig(image_size=224, batch_size=2, normalization="standardize", augment=True),
     model=ModelConfig(encoder_weights=None, width=1.0),
-    optimizers={
-        "segmentation": OptimizerConfig(
-            name="sgd",
-            learning_rate=1e-3,
-            momentum=0.9,
-            nesterov=True,
-            schedule="polynomial",
-            power=0.9,
-        )
-    },
+    optimizers={"segmentation": _NESTEROV_POLY},
     train=TrainConfig(epochs=50, steps_per_epoch=1750, runs=1, verbose=2),
 )
 
@@ -260,16 +248,7 @@ SMOKE = Config(
         synthetic_scale=2.0,
     ),
     model=ModelConfig(encoder_weights=None, width=0.125),
-    optimizers={
-        "segmentation": OptimizerConfig(
-            name="sgd",
-            learning_rate=3e-3,
-            momentum=0.9,
-            nesterov=True,
-            schedule="polynomial",
-            power=0.9,
-        )
-    },
+    optimizers={"segmentation": dataclasses.replace(_NESTEROV_POLY, learning_rate=3e-3)},
     train=TrainConfig(epochs=1, steps_per_epoch=30, runs=1, verbose=2),
 )
 

@@ -222,18 +222,14 @@ VGG16_GRADER = "vgg16"
 
 # "random rotations, width/height shifts, shear, zoom, vertical/horizontal flips and channel
 # shifts" (section "Semi-Supervised Training"); the ranges are not given, these are ours.
-MTUNET_AUGMENT = aug.AugmentParams(
+MTUNET_AUGMENT = dataclasses.replace(
+    aug.NO_AUGMENT,
     flip_horizontal=True,
     flip_vertical=True,
-    rotate90=False,
     rotation_deg=20.0,
     zoom=0.1,
     shift=0.1,
     shear_deg=10.0,
-    brightness=0.0,
-    contrast=0.0,
-    saturation=0.0,
-    hue=0.0,
     channel_shift=10.0,
 )
 

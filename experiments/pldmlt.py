@@ -961,16 +961,7 @@ class _Run:
         """
         eager = self.method.run_eagerly
         focal = self._focal_loss
-        if row in SEGMENTER_ROWS:
-            model, kind = self._segmenter(SEGMENTER_ROWS[row], seed), "segmentation"
-            with self.ctx.strategy.scope():
-                model.compile(
-                    optimizer=build_optimizer(self.config.optimizers["model"]),
-                    loss={keys.SEG_PROBS: focal()},
-                    run_eagerly=eager,
-                )
-            trained = model
-        elif row == "MTUnet":
+        if row == "MTUnet":
             model, kind = self._vgg16_unet("mtunet", seed), "mtunet"
             with self.ctx.strategy.scope():
                 mtunet.compile_mtunet(
@@ -980,22 +971,22 @@ class _Run:
                     run_eagerly=eager,
                 )
             trained = model
-        elif row == "L_S":
-            model, kind = self._vgg16_unet("segmentation", seed), "segmentation"
+        elif row in SEGMENTER_ROWS or row in ("L_S", "+ L_C"):
+            if row in SEGMENTER_ROWS:
+                model, kind = self._segmenter(SEGMENTER_ROWS[row], seed), "segmentation"
+            elif row == "L_S":
+                model, kind = self._vgg16_unet("segmentation", seed), "segmentation"
+            else:
+                model, kind = self._vgg16_unet("multitask", seed), "multitask"
+            loss, weights = {keys.SEG_PROBS: focal()}, None
+            if kind == "multitask":  # "+ L_C": fixed pseudo grades, equal task weights
+                loss[keys.GRADE_PROBS] = focal()
+                weights = {keys.SEG_PROBS: 1.0, keys.GRADE_PROBS: EQUAL_WEIGHTS}
             with self.ctx.strategy.scope():
                 model.compile(
                     optimizer=build_optimizer(self.config.optimizers["model"]),
-                    loss={keys.SEG_PROBS: focal()},
-                    run_eagerly=eager,
-                )
-            trained = model
-        elif row == "+ L_C":
-            model, kind = self._vgg16_unet("multitask", seed), "multitask"
-            with self.ctx.strategy.scope():
-                model.compile(
-                    optimizer=build_optimizer(self.config.optimizers["model"]),
-                    loss={keys.SEG_PROBS: focal(), keys.GRADE_PROBS: focal()},
-                    loss_weights={keys.SEG_PROBS: 1.0, keys.GRADE_PROBS: EQUAL_WEIGHTS},
+                    loss=loss,
+                    loss_weights=weights,
                     run_eagerly=eager,
                 )
             trained = model
