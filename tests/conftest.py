@@ -1,10 +1,10 @@
-"""Test set-up shared by the whole suite (DESIGN.md section 6).
+"""Test set-up shared by the whole suite (docs/design.md section 6).
 
 - The CPU is split into two logical devices before TensorFlow initialises, so MirroredStrategy
   tests can compare one replica with two on a machine without GPUs.
 - Every test starts from the same seeds and ends with a cleared Keras session.
-- ``shared_dir``/``idrid_mini`` point at ``../shared`` when it exists; tests that need the real
-  IDRiD files skip cleanly when it does not (as on a user's machine).
+- ``idrid_mini`` is the folder of real IDRiD files shipped in ``tests/fixtures/idrid_mini``
+  (CC BY 4.0, see its ATTRIBUTION.txt), so every test runs on a clone of the repository alone.
 """
 
 import os
@@ -27,7 +27,7 @@ tf.config.set_logical_device_configuration(
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 @pytest.fixture(autouse=True)
@@ -41,17 +41,11 @@ def _seed_and_clear():
 
 
 @pytest.fixture(scope="session")
-def shared_dir():
-    if not SHARED.is_dir():
-        pytest.skip("../shared is absent (only developers and CI have it)")
-    return SHARED
-
-
-@pytest.fixture(scope="session")
-def idrid_mini(shared_dir):
-    root = shared_dir / "fixtures" / "idrid_mini"
-    if not root.is_dir():
-        pytest.skip("../shared/fixtures/idrid_mini is absent")
+def idrid_mini():
+    """Real IDRiD files in the official layout (three segmentation photographs with HE/EX masks,
+    both grading CSVs). A missing folder is an error, not a skip: it ships with the repository."""
+    root = FIXTURES / "idrid_mini"
+    assert (root / "ATTRIBUTION.txt").is_file(), f"{root} is missing: it belongs to the repository"
     return root
 
 
