@@ -142,6 +142,9 @@ class TrainConfig:
         verbose: Keras progress output (1 = progress bar, 2 = one line per epoch, 0 = silent).
         checkpoint_steps: save a resumable checkpoint every this many steps of a stage, besides
             every epoch end (0 = epoch ends only); see ``RunContext.fit``.
+        keep_checkpoints: ``final`` (a finished stage keeps its final weights only; its
+            resumable checkpoints are deleted) or ``all`` (every checkpoint is kept, with the
+            optimizer states).
     """
 
     epochs: int = 1
@@ -153,6 +156,13 @@ class TrainConfig:
     deterministic: bool = True
     verbose: int = 1
     checkpoint_steps: int = 500
+    keep_checkpoints: str = "final"
+
+    def __post_init__(self):
+        if self.keep_checkpoints not in ("final", "all"):
+            raise ConfigError(
+                f"train.keep_checkpoints: expected 'final' or 'all', got {self.keep_checkpoints!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ method that trains and evaluates through a :class:`RunContext` and returns the p
 Resuming: run the SAME command again after a crash (or a kill) and the run continues where it
 stopped. Each ``ctx.fit`` stage checkpoints its model, every optimizer, its metrics and its data
 position in ``<out>/checkpoints/<stage>`` (:mod:`drkeras.training.checkpoint`); a finished stage
-is not trained again (its final weights and optimizer states are restored), an unfinished one
+keeps only its final weights (``train.keep_checkpoints=all`` keeps every checkpoint) and is not
+trained again (its final weights are restored), an unfinished one
 continues from its latest checkpoint, mid-epoch, with the batches an uninterrupted run would
 have seen; on CPU with ``train.deterministic`` it ends with the same weights. A run directory
 with checkpoints only resumes the config it was started with (``train.verbose`` may differ);
@@ -52,6 +53,8 @@ import sys
 import time
 import zlib
 from typing import Mapping, Optional, Sequence
+
+import drkeras.startup
 
 import tensorflow as tf
 
@@ -194,10 +197,11 @@ class RunContext:
             **kwargs: passed to ``model.fit`` (``validation_data``, ``class_weight``, ...).
 
         Resume contract: a stage that finished in an earlier run with this run directory is
-        not trained again: its final checkpoint (model and every optimizer) is restored and its
-        history returned. An unfinished stage restarts from its latest checkpoint at the epoch
-        and step it was taken, with the model, every optimizer, the metric states, the random
-        layers' generator states and the data position restored. ``train.jit_compile`` turns
+        not trained again: its final weights are restored and its history returned (its
+        optimizers are not: every stage compiles its own). An unfinished stage restarts from
+        its latest checkpoint at the epoch and step it was taken, with the model, every
+        optimizer, the metric states, the random layers' generator states and the data
+        position restored. ``train.jit_compile`` turns
         on XLA for the model's train step. Afterwards the random seed is reset from
         ``(seed, stage)``, so what follows starts from the same random state whether the
         stage trained or was restored.
@@ -228,6 +232,7 @@ class RunContext:
             steps_per_epoch=steps,
             save_steps=checkpoint_steps,
             guard=guard,
+            keep=train.keep_checkpoints,
         )
         if saver.finished:
             saver.restore_now(model, data)
@@ -335,6 +340,7 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
         help="delete the run directory's checkpoints and history and start over (without it, "
         "the same command resumes an interrupted run)",
     )
+    drkeras.startup.add_verbose_flag(parser)
     return parser
 
 
@@ -435,7 +441,7 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
 
 
 # Settings that may change between a run and its resumption.
-RESUME_FREE_KEYS = ("train.verbose",)
+RESUME_FREE_KEYS = ("train.verbose", "train.keep_checkpoints")
 
 
 def _flatten(tree, prefix=""):

@@ -11,8 +11,9 @@ training:
    the classifier, which starts from the pretrained encoder, and SGD with momentum for an
    auxiliary regressor), losses reduced over the global batch.
 
-Writes ``weights.npz`` (every model weight and optimizer variable, in a fixed order) to the run
-directory, and a one-row results table.
+Writes ``weights.npz`` (every model weight, and every optimizer variable of the last stage, in
+a fixed order) to the run directory, and a one-row results table. The pretrain stage's optimizer
+is left out: a finished stage keeps only its weights, so a resumed run never restores it.
 """
 
 from __future__ import annotations
@@ -153,12 +154,15 @@ def build_mlp(dropout: float, name: str) -> keras.Model:
     return keras.Model(inputs, out, name=name)
 
 
-def weights_of(*models) -> dict:
-    """Every weight and optimizer variable of ``models``, keyed in a fixed order."""
+def weights_of(*models, optimizers_from=()) -> dict:
+    """Every weight of ``models`` and every optimizer variable of ``optimizers_from``, keyed in a
+    fixed order."""
     out = {}
     for m, model in enumerate(models):
         for i, w in enumerate(model.weights):
             out[f"m{m}_w{i}"] = w.numpy()
+        if model not in optimizers_from:
+            continue
         for name, opt in sorted(optimizers_of(model).items()):
             for i, v in enumerate(opt.variables):
                 out[f"m{m}_{name}_v{i}"] = v.numpy()
@@ -239,7 +243,8 @@ class Tiny(Experiment):
             callbacks=[hang] if method.hang_at_step >= 0 else [],
             checkpoint_steps=method.checkpoint_steps,
         )
-        np.savez(ctx.out_dir / "weights.npz", **weights_of(mlp, trainer))
+        weights = weights_of(mlp, trainer, optimizers_from=(trainer,))
+        np.savez(ctx.out_dir / "weights.npz", **weights)
         table = ResultsTable("tiny", "Tiny", ["loss"], paper={"joint": {"loss": 0.0}})
         table.add("joint", "loss", float(history.history["loss"][-1]))
         return [table]

@@ -9,12 +9,18 @@ position, so a killed run started again with the same command ends with the same
   an attribute, e.g. a trainer's ``g_optimizer``/``d_optimizer``; loss-scale state included), the
   state of the model's metrics (so the log of an interrupted epoch averages the whole epoch), and
   the ``tf.random.Generator`` states of random layers (Dropout, ...; Keras leaves them out of its
-  own checkpoints). The last two checkpoints are kept while the stage trains, the final one
-  after it finished.
-- ``state.json``: which checkpoint is the latest, the epoch and step it was taken at, and the
-  per-epoch logs so far; written atomically after the checkpoint, so it never names a partial one.
+  own checkpoints). The last two checkpoints are kept while the stage trains.
+- ``final-<global step>.{index,data-*}``: written when the stage finished, with ``keep="final"``
+  (the default, ``train.keep_checkpoints``): the model's weights only (no optimizer slots, no
+  metric or generator state, which nothing after a finished stage reads: every stage compiles
+  its own optimizers). The stage's resumable checkpoints are then deleted, so a finished stage
+  costs one copy of its weights on disk. With ``keep="all"`` no checkpoint is ever deleted and
+  the final one is a full, resumable checkpoint.
+- ``state.json``: which checkpoint is the latest, the epoch and step it was taken at, whether it
+  holds weights only, and the per-epoch logs so far; written atomically after the checkpoint,
+  so it never names a partial one.
 - ``done.json``: written when the stage finished; a restarted run then restores the stage's final
-  weights and optimizer states instead of training it again.
+  weights instead of training it again.
 
 Checkpoints are taken every ``save_steps`` optimisation steps and at every epoch end, never after
 a non-finite loss (the :class:`~drkeras.training.callbacks.NaNGuard` passed as ``guard`` keeps the
@@ -49,6 +55,7 @@ import tensorflow as tf
 
 __all__ = [
     "DEFAULT_SAVE_STEPS",
+    "KEEP_POLICIES",
     "StageCheckpointer",
     "optimizers_of",
     "random_generators_of",
@@ -63,7 +70,8 @@ log = logging.getLogger("drkeras")
 DEFAULT_SAVE_STEPS = 500
 STATE_FILE = "state.json"
 DONE_FILE = "done.json"
-KEEP = 2
+# What a finished stage keeps (``train.keep_checkpoints``): its final weights, or everything.
+KEEP_POLICIES = ("final", "all")
 
 _OPTIMIZER_TYPES = (
     tf.keras.optimizers.Optimizer,
@@ -144,6 +152,13 @@ def _checkpoint(model: tf.keras.Model, *, with_metrics: bool = True) -> tf.train
     return tf.train.Checkpoint(**parts)
 
 
+def _weights_checkpoint(model: tf.keras.Model) -> tf.train.Checkpoint:
+    """A finished stage's checkpoint: the model's weights (every sub-network's), in the model's
+    own order, and nothing else. ``tf.train.Checkpoint(model=model)`` would not do: a compiled
+    Keras model tracks its optimizer, so its slots would be saved too."""
+    return tf.train.Checkpoint(weights=list(model.weights))
+
+
 def resumable_data(data, steps_per_epoch: Optional[int]) -> Tuple[object, Optional[int], bool]:
     """The stage's training data as ONE stream, so a batch count is a data position.
 
@@ -202,6 +217,8 @@ class StageCheckpointer(tf.keras.callbacks.Callback):
         save_steps: save every this many steps (0: only at epoch ends).
         guard: a :class:`~drkeras.training.callbacks.NaNGuard`; nothing is saved once it has
             recorded a failure, so the last good checkpoint survives a diverged run.
+        keep: ``"final"`` (a finished stage keeps its final weights only) or ``"all"`` (every
+            checkpoint is kept, the final one with its optimizer states).
 
     Put it after callbacks that change the model or optimizer at epoch end (learning-rate
     schedules): the epoch-end checkpoint must see their changes. The internal state of other
@@ -215,15 +232,24 @@ class StageCheckpointer(tf.keras.callbacks.Callback):
         steps_per_epoch: Optional[int],
         save_steps: int = DEFAULT_SAVE_STEPS,
         guard=None,
+        keep: str = "final",
     ):
         super().__init__()
+        if keep not in KEEP_POLICIES:
+            raise ValueError(f"keep={keep!r}: expected one of {', '.join(KEEP_POLICIES)}")
         self.directory = pathlib.Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.steps_per_epoch = steps_per_epoch
         self.save_steps = int(save_steps)
         self.guard = guard
+        self.keep = keep
         state = self._read(STATE_FILE) or {}
-        self.finished = (self.directory / DONE_FILE).is_file() and bool(state.get("checkpoint"))
+        self.weights_only = bool(state.get("weights_only", False))
+        # Final weights are written only after the stage's last step: done.json may be all
+        # that a kill at the very end left unwritten.
+        self.finished = bool(state.get("checkpoint")) and (
+            (self.directory / DONE_FILE).is_file() or self.weights_only
+        )
         self.checkpoint_name: Optional[str] = state.get("checkpoint")
         if self.checkpoint_name and not self._exists(self.checkpoint_name):
             raise FileNotFoundError(
@@ -291,6 +317,10 @@ class StageCheckpointer(tf.keras.callbacks.Callback):
         """
         if not self.checkpoint_name:
             raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+        if self.weights_only:
+            status = _weights_checkpoint(model).read(str(self.latest_checkpoint))
+            self._check(status.assert_consumed, model)
+            return
         traced = False
         if isinstance(data, tf.data.Dataset):
             strategy = model.distribute_strategy
@@ -308,7 +338,7 @@ class StageCheckpointer(tf.keras.callbacks.Callback):
     def _check(self, assertion, model) -> None:
         try:
             assertion()
-        except AssertionError as err:
+        except (AssertionError, ValueError) as err:
             raise ValueError(
                 f"checkpoint {self.latest_checkpoint} does not match model {model.name!r} "
                 f"(was the experiment's code or config changed?): {err}; delete "
@@ -364,8 +394,38 @@ class StageCheckpointer(tf.keras.callbacks.Callback):
         )
         self._prune({name, previous})
 
+    def _finish(self) -> None:
+        """Keep the final weights (``keep="final"``) or the full final checkpoint, mark the
+        stage done, and delete what a finished stage no longer needs."""
+        if self.keep == "final":
+            name = f"final-{self.global_step}"
+            _weights_checkpoint(self.model).write(str(self.directory / name))
+            self.checkpoint_name, self.weights_only = name, True
+            write_json_atomic(
+                self.directory / STATE_FILE,
+                {
+                    "checkpoint": name,
+                    "weights_only": True,
+                    "epoch": self._current_epoch,
+                    "step": self._current_step,
+                    "global_step": self.global_step,
+                    "steps_per_epoch": self.steps_per_epoch,
+                    "history": self.history,
+                },
+            )
+        else:
+            self._save(self._current_epoch, self._current_step)
+        write_json_atomic(
+            self.directory / DONE_FILE,
+            {"checkpoint": self.checkpoint_name, "global_step": self.global_step},
+        )
+        self.finished = True
+        self._prune({self.checkpoint_name})
+
     def _prune(self, keep) -> None:
-        for index in self.directory.glob("ckpt-*.index"):
+        if self.keep == "all":
+            return
+        for index in self.directory.glob("*-*.index"):
             stem = index.name[: -len(".index")]
             if stem not in keep:
                 for part in self.directory.glob(stem + ".*"):
@@ -421,13 +481,7 @@ class StageCheckpointer(tf.keras.callbacks.Callback):
             # No step ran (the checkpoint was taken after the last epoch): restore it anyway.
             self._pending_restore = False
             self.restore_now(self.model)
-        self._save(self._current_epoch, self._current_step)
-        write_json_atomic(
-            self.directory / DONE_FILE,
-            {"checkpoint": self.checkpoint_name, "global_step": self.global_step},
-        )
-        self.finished = True
-        self._prune({self.checkpoint_name})
+        self._finish()
 
     def history_dict(self) -> Dict[str, list]:
         """The stage's per-epoch logs so far (all epochs, across restarts), Keras style."""
