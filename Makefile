@@ -5,8 +5,6 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export SM_FRAMEWORK := tf.keras
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: venv reproduce test lint format bench contact-sheet clean
 

@@ -9,14 +9,12 @@ writes the inputs, synthetic photographs under ``--out`` that later runs reuse).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import time
 from typing import Optional, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
 
 SECTIONS = ("pipeline", "train", "inference", "conversion")
 
@@ -74,6 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds")
     parser.add_argument("--width", type=float, default=0.25, help="VGG16-UNet width, section 2")
     parser.add_argument("--seed", type=int, default=0)
+    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in SECTIONS]

@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Optional, Sequence
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 from benchmarks import common
 
 __all__ = ["IDRID_HEIGHT", "child_main", "convert_in_subprocess", "make_layout", "run"]
@@ -304,6 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--small", type=int, default=50)
     parser.add_argument("--large", type=int, default=500)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child_main(json.loads(args.child))))

@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import numpy as np
 
 from benchmarks import common
@@ -132,6 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--sizes", default="512,1024")
     parser.add_argument("--width", type=float, default=0.125)
     parser.add_argument("--calls", type=int, default=10)
+    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     section = run(
         args.out,

@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import cv2
 import numpy as np
 
@@ -356,6 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES), help="source/task,...")
+    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     section = run(
         args.out,

@@ -29,18 +29,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
 
 import numpy as np
 
 from benchmarks import common, flops
 
 __all__ = ["CASES", "TrainCase", "measure", "run"]
-
-os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,6 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reference-size", type=int, default=256)
     parser.add_argument("--no-jit-check", action="store_true")
+    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     sections = run(
         cases=args.cases.split(","),

@@ -1,15 +1,16 @@
 """``python -m data_prep <dataset> --src RAW --out RECORDS [--max-side N] [--workers N]``.
 
 Only the chosen dataset's module is imported, so a missing or broken converter does not break
-the others (and ``--help`` is instant).
+the others (``--help`` loads none of them).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
+
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
 
 from data_prep import DATASETS, load
 
@@ -37,7 +38,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if dataset not in DATASETS:
         print(f"error: unknown dataset {dataset!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         module = load(dataset)
     except ImportError as error:
@@ -47,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog=f"python -m data_prep {dataset}", description=module.__doc__.split("\n")[0]
     )
     module.add_arguments(parser)
+    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(rest)
     return int(module.run(args) or 0)
 

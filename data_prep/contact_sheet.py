@@ -16,6 +16,8 @@ import pathlib
 import sys
 from typing import Optional, Sequence
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import cv2
 import numpy as np
 
@@ -119,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--size", type=int, default=256, help="image height in pixels")
     parser.add_argument("--n", type=int, default=10, help="number of photographs")
     parser.add_argument("--seed", type=int, default=0)
+    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if args.n < 1 or args.size < 16:
         parser.error("--n must be >= 1 and --size >= 16")

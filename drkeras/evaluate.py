@@ -38,6 +38,8 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -329,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlays", type=int, default=4, help="overlay figures per output")
     parser.add_argument("--max-examples", type=int, default=0, help="0 = the whole split")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    drkeras.startup.add_verbose_flag(parser)
     return parser
 
 

@@ -44,6 +44,8 @@ import pathlib
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -448,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-maps", action="store_true", help="do not write probability maps")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlays")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    drkeras.startup.add_verbose_flag(parser)
     return parser
 
 

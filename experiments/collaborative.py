@@ -65,6 +65,8 @@ import logging
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import numpy as np
 import tensorflow as tf
 from tensorflow import keras

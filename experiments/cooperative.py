@@ -70,6 +70,8 @@ import logging
 import pathlib
 from typing import Callable, Dict, List, Sequence, Tuple
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import numpy as np
 import tensorflow as tf
 from tensorflow import keras

@@ -85,6 +85,8 @@ import pathlib
 import zlib
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import numpy as np
 import tensorflow as tf
 from tensorflow import keras

@@ -66,6 +66,8 @@ import math
 import pathlib
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import numpy as np
 import tensorflow as tf
 from tensorflow import keras

@@ -76,6 +76,8 @@ import pathlib
 import shutil
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
+
 import numpy as np
 import tensorflow as tf
 from tensorflow import keras

@@ -43,7 +43,6 @@ as the data pipeline normalises them; with ImageNet weights use the scaling the 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Dict, Optional, Sequence
 
 import tensorflow as tf
@@ -68,8 +67,8 @@ _SEGMENTER_MULTIPLE = 32
 
 
 def _segmentation_models():
-    # segmentation-models picks its Keras at import time from SM_FRAMEWORK.
-    os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
+    # Imported late: segmentation-models picks its Keras at import time from SM_FRAMEWORK,
+    # which importing drkeras sets.
     import segmentation_models as sm
 
     return sm
