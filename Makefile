@@ -4,19 +4,27 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# GPU=1 adds TensorFlow's pinned CUDA 12.2 / cuDNN 8.9 libraries (requirements-gpu.txt).
+GPU ?= 0
+CPU_STAMP := $(VENV)/.installed
+STAMP := $(if $(filter 1,$(GPU)),$(VENV)/.installed-gpu,$(CPU_STAMP))
 
-.PHONY: venv reproduce test lint format bench contact-sheet clean
+.PHONY: venv reproduce test lint format bench contact-sheet predict-example clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt setup.cfg
+$(CPU_STAMP): requirements.txt setup.cfg
 	@command -v $(PYTHON) >/dev/null || { echo "drkeras needs $(PYTHON) (3.9-3.11); set PYTHON=..."; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23,<25"
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	touch $(STAMP)
+	touch $(CPU_STAMP)
+
+$(VENV)/.installed-gpu: $(CPU_STAMP) requirements-gpu.txt
+	$(PY) -m pip install --quiet -r requirements-gpu.txt
+	$(PY) -c "import tensorflow as tf; print('GPUs visible to TensorFlow:', tf.config.list_physical_devices('GPU') or 'none')"
+	touch $@
 
 # The headline experiment (PLDMLT) on the embedded synthetic data with the smoke preset.
 reproduce: $(STAMP)
@@ -38,6 +46,13 @@ bench: $(STAMP)
 
 contact-sheet: $(STAMP)
 	$(PY) -m data_prep.contact_sheet --out runs/contact_sheet.png
+
+# A first prediction on a real photograph (scikit-image's retina.jpg, CC0) with the model that
+# `make reproduce` exported.
+predict-example: $(STAMP)
+	@test -d runs/pldmlt_smoke/export/pldmlt || { echo "run 'make reproduce' first"; exit 1; }
+	$(PY) -m drkeras.data.samples --out runs/example
+	$(PY) -m drkeras.predict --model runs/pldmlt_smoke/export/pldmlt --images runs/example/retina.jpg --out runs/example/predictions
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -274,7 +274,7 @@ def machine_info() -> dict:
     }
 
 
-# Real IDRiD photographs are 246-429 KB JPEGs of 4288 x 2848 (DATASETS.md section 1); the
+# Real IDRiD photographs are 246-429 KB JPEGs of 4288 x 2848 (docs/datasets.md section 1); the
 # synthetic ones are encoded at the first quality that lands in that range, so decoding costs
 # what it costs on the real files.
 _JPEG_QUALITIES = (95, 90, 85, 80, 75, 70, 60, 50)

@@ -1,6 +1,6 @@
 """APTOS 2019 Blindness Detection converter.
 
-Layout (DATASETS.md section 6)::
+Layout (docs/datasets.md section 6)::
 
     ROOT/train.csv  id_code,diagnosis   ROOT/train_images/<id_code>.png   (3,662, graded 0-4)
     ROOT/test.csv   id_code             ROOT/test_images/<id_code>.png    (1,928, unlabeled)

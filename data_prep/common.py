@@ -1,4 +1,4 @@
-"""The conversion engine shared by every dataset converter (DESIGN.md section 3, "Converters").
+"""The conversion engine shared by every dataset converter (docs/design.md section 3, "Converters").
 
 A dataset module only describes its layout and labels: its ``scan(src, **options)`` walks the
 raw folder and returns a :class:`Scan` (a list of :class:`Task` plus the files it had to skip and
@@ -411,7 +411,7 @@ def read_image(path, max_side: Optional[int] = None) -> Tuple[np.ndarray, Option
 
     Returns:
         ``(rgb, original_bytes, original_size)``: the uint8 RGB array (resized when needed with
-        area interpolation); the file's bytes when they can be stored unchanged (an RGB JPEG or
+        Lanczos interpolation); the file's bytes when they can be stored unchanged (an RGB JPEG or
         PNG that was not resized), else ``None``; the ``(height, width)`` of the file.
 
     Raises:
@@ -457,7 +457,7 @@ def read_mask(
 
     Masks are read with Pillow and binarised with ``> 0``: IDRiD masks are 1-bit *palette* TIFFs
     whose indices are {0, 1}, which ``convert('L')`` or OpenCV would turn into {0, 76}
-    (DATASETS.md section 0.1). Multi-channel masks take the maximum over channels. A soft map
+    (docs/datasets.md section 0.1). Multi-channel masks take the maximum over channels. A soft map
     (DiaRetDB1) is binarised with ``value / full_scale >= confidence`` when ``soft`` is given.
     Resizing uses NEAREST so the mask stays binary.
 
@@ -719,7 +719,8 @@ def convert_dataset(
             if task.flags:
                 flagged.append({"id": task.id, "file": task.image, **dict(task.flags)})
                 split_stats["flags"].update(k for k, v in task.flags.items() if v)
-        # Shards are renamed to their final names only when every split finished.
+        # Closing renames each split's last shard; had the conversion failed before this point,
+        # every writer would have deleted the shards it completed (ShardWriter).
         for writer in writers.values():
             writer.close()
 

@@ -1,6 +1,6 @@
 """DDR converter: DR grading (13,673 images) and lesion segmentation (757 images).
 
-Layout (DATASETS.md section 4)::
+Layout (docs/datasets.md section 4)::
 
     DDR-dataset/DR_grading/{train,valid,test}/*.jpg   + {train,valid,test}.txt ("name grade" lines;
                                                           beside the folder or inside it)

@@ -1,6 +1,6 @@
 """DiaRetDB1 v1.1 converter (89 images, soft lesion maps).
 
-Layout (DATASETS.md section 5)::
+Layout (docs/datasets.md section 5)::
 
     diaretdb1_v_1_1/resources/images/ddb1_fundusimages/image001.png ...
     diaretdb1_v_1_1/resources/images/ddb1_groundtruth/{redsmalldots,hemorrhages,hardexudates,

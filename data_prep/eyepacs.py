@@ -1,6 +1,6 @@
 """EyePACS (Kaggle Diabetic Retinopathy Detection 2015) converter.
 
-Layout (DATASETS.md section 2)::
+Layout (docs/datasets.md section 2)::
 
     ROOT/train/<patient>_<left|right>.jpeg     ROOT/trainLabels.csv          image,level
     ROOT/test/<patient>_<left|right>.jpeg      ROOT/retinopathy_solution.csv image,level,Usage

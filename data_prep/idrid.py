@@ -1,6 +1,6 @@
 """IDRiD converter: part A (lesion segmentation) and part B (disease grading).
 
-Layout (DATASETS.md section 1), found by searching for the ``1. Original Images`` and
+Layout (docs/datasets.md section 1), found by searching for the ``1. Original Images`` and
 ``...Groundtruths`` folders so copies with a doubled top folder work::
 
     A. Segmentation/1. Original Images/{a. Training Set,b. Testing Set}/IDRiD_01.jpg

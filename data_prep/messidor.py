@@ -1,6 +1,6 @@
 """Messidor (original, 1,200 images) converter.
 
-Layout (DATASETS.md section 3): twelve bases ``Base11 ... Base34``, each 100 TIFF images plus
+Layout (docs/datasets.md section 3): twelve bases ``Base11 ... Base34``, each 100 TIFF images plus
 ``Annotation_BaseNN.xls`` (sheet ``Feuil1``; columns ``Image name | Ophthalmologic department |
 Retinopathy grade | Risk of macular edema`` with a trailing blank on the last header). Some copies
 keep the spreadsheet inside its base folder, others beside it: spreadsheets are found with

@@ -1,6 +1,6 @@
 """Messidor-2 converter (1,748 images; grades from Kaggle ``google-brain/messidor2-dr-grades``).
 
-Layout (DATASETS.md section 3b)::
+Layout (docs/datasets.md section 3b)::
 
     ROOT/IMAGES/20051020_43808_0100_PP.png ... IM001667.JPG
     ROOT/messidor_data.csv   image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable

@@ -143,8 +143,10 @@ class TrainConfig:
         checkpoint_steps: save a resumable checkpoint every this many steps of a stage, besides
             every epoch end (0 = epoch ends only); see ``RunContext.fit``.
         keep_checkpoints: ``final`` (a finished stage keeps its final weights only; its
-            resumable checkpoints are deleted) or ``all`` (every checkpoint is kept, with the
-            optimizer states).
+            resumable checkpoints are deleted), ``all`` (every checkpoint is kept, with the
+            optimizer states) or ``none`` (as ``final`` while the run goes on; when the whole
+            run has completed, its checkpoints are deleted: results, figures and exports stay,
+            and running the same command again trains again). Smoke presets use ``none``.
     """
 
     epochs: int = 1
@@ -159,9 +161,10 @@ class TrainConfig:
     keep_checkpoints: str = "final"
 
     def __post_init__(self):
-        if self.keep_checkpoints not in ("final", "all"):
+        if self.keep_checkpoints not in ("final", "all", "none"):
             raise ConfigError(
-                f"train.keep_checkpoints: expected 'final' or 'all', got {self.keep_checkpoints!r}"
+                "train.keep_checkpoints: expected 'final', 'all' or 'none', got "
+                f"{self.keep_checkpoints!r}"
             )
 
 

@@ -1,4 +1,4 @@
-"""The shared experiment runner behind every ``experiments/<paper>.py`` (DESIGN.md section 3).
+"""The shared experiment runner behind every ``experiments/<paper>.py`` (docs/design.md section 3).
 
 An experiment file declares an :class:`Experiment`: its name, the paper it reproduces, its
 presets (:class:`drkeras.config.Config` values named ``smoke`` and ``paper``) and a ``run``
@@ -16,8 +16,9 @@ method that trains and evaluates through a :class:`RunContext` and returns the p
 Resuming: run the SAME command again after a crash (or a kill) and the run continues where it
 stopped. Each ``ctx.fit`` stage checkpoints its model, every optimizer, its metrics and its data
 position in ``<out>/checkpoints/<stage>`` (:mod:`drkeras.training.checkpoint`); a finished stage
-keeps only its final weights (``train.keep_checkpoints=all`` keeps every checkpoint) and is not
-trained again (its final weights are restored), an unfinished one
+keeps only its final weights (``train.keep_checkpoints=all`` keeps every checkpoint; ``none``
+deletes them all once the run has completed) and is not trained again (its final weights are
+restored), an unfinished one
 continues from its latest checkpoint, mid-epoch, with the batches an uninterrupted run would
 have seen; on CPU with ``train.deterministic`` it ends with the same weights. A run directory
 with checkpoints only resumes the config it was started with (``train.verbose`` may differ);
@@ -232,7 +233,7 @@ class RunContext:
             steps_per_epoch=steps,
             save_steps=checkpoint_steps,
             guard=guard,
-            keep=train.keep_checkpoints,
+            keep="all" if train.keep_checkpoints == "all" else "final",
         )
         if saver.finished:
             saver.restore_now(model, data)
@@ -431,6 +432,12 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
         if not previous_rng:
             tf.keras.backend.experimental.disable_tf_random_generator()
     csv_path, md_path = write_results(tables, out_dir)
+    if config.train.keep_checkpoints == "none":
+        shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
+        log.info(
+            "run complete: its checkpoints were deleted (train.keep_checkpoints=none); running "
+            "the same command again trains again"
+        )
     print()
     print(md_path.read_text())
     print(

@@ -1,4 +1,4 @@
-"""Export an inference network as a self-contained SavedModel (DESIGN.md section 3, "Export").
+"""Export an inference network as a self-contained SavedModel (docs/design.md section 3, "Export").
 
 :func:`export_model` wraps a functional Keras model in a ``tf.Module`` with two serving
 signatures that apply the SAME preprocessing as training (``drkeras.data.preprocess``):

@@ -14,7 +14,7 @@ DME = "dme"
 MASKS = "masks"
 MASK_PRESENT = "mask_present"
 
-# Lesion types in the fixed order of the record schema (DESIGN.md section 3).
+# Lesion types in the fixed order of the record schema (docs/design.md section 3).
 LESIONS = ("MA", "HE", "EX", "SE", "OD")
 LESION_NAMES = {
     "MA": "microaneurysms",

@@ -3,8 +3,8 @@
 Every function returns one loss per example (shape ``[B]``): dense predictions (segmentation maps
 ``[B, H, W, C]``) are averaged over their non-batch positions. Reduce per-example losses over the
 GLOBAL batch with :func:`global_mean` in custom train steps, so one replica and N replicas of a
-``MirroredStrategy`` compute the same gradient (DESIGN.md section 4). The ``Loss`` subclasses wrap
-the same functions for ``model.fit``, which applies the reduction itself.
+``MirroredStrategy`` compute the same gradient (docs/design.md section 4). The ``Loss``
+subclasses wrap the same functions for ``model.fit``, which applies the reduction itself.
 
 Probabilities are clipped to ``[eps, 1 - eps]`` (``eps = tf.keras.backend.epsilon()``) before a
 logarithm, as ``tf.keras.losses`` does; with ``from_logits=True`` the numerically stable
@@ -357,7 +357,7 @@ def global_mean(per_example, global_batch_size):
 
     Inside ``strategy.run`` each replica divides its local sum by the global batch size, so the
     gradients the strategy sums across replicas equal the gradient of the mean over the whole
-    global batch: one replica and N replicas take the same step (DESIGN.md section 4).
+    global batch: one replica and N replicas take the same step (docs/design.md section 4).
 
     Example::
 

@@ -175,7 +175,7 @@ SMOKE = Config(
     data=DataConfig(image_size=64, batch_size=4, synthetic_size=128, augment=True),
     model=ModelConfig(encoder_weights=None, width=0.125),
     optimizers={"generator": _SMOKE_ADAM, "discriminator": _SMOKE_ADAM, "grader": _SMOKE_ADAM},
-    train=TrainConfig(epochs=2, steps_per_epoch=8, verbose=2),
+    train=TrainConfig(epochs=2, steps_per_epoch=8, verbose=2, keep_checkpoints="none"),
 )
 
 # ------------------------------------------------------------------------------ paper numbers

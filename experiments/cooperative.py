@@ -1,7 +1,8 @@
 """JointSeg: cooperative joint segmentation and classification learning.
 
-Reproduces "Joint cooperative end-to-end learning for deep convolutional semantic segmentation"
-(``../shared/papers/jointseg_cooperative_learning.txt``): Tables I-IV, the partial-random-label
+Reproduces "Rethinking Convolutional Semantic Segmentation Learning", arXiv:1710.07991 (2017),
+the paper of joint cooperative end-to-end learning (fidelity table: ``docs/papers/cooperative.md``):
+Tables I-IV, the partial-random-label
 experiment of section II-C and a Fig. 6-style comparison.
 
 Command::
@@ -251,7 +252,7 @@ SMOKE = Config(
     ),
     model=ModelConfig(encoder_weights=None, width=0.125),
     optimizers={"segmentation": dataclasses.replace(_NESTEROV_POLY, learning_rate=3e-3)},
-    train=TrainConfig(epochs=1, steps_per_epoch=30, runs=1, verbose=2),
+    train=TrainConfig(epochs=1, steps_per_epoch=30, runs=1, verbose=2, keep_checkpoints="none"),
 )
 
 

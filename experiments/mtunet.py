@@ -347,7 +347,7 @@ SMOKE = Config(
     data=DataConfig(image_size=96, batch_size=8, synthetic_size=128, augment=True),
     model=ModelConfig(encoder_weights=None, width=0.25),
     optimizers={"model": OptimizerConfig(name="adam", learning_rate=1e-3)},
-    train=TrainConfig(epochs=1, runs=2, verbose=2),
+    train=TrainConfig(epochs=1, runs=2, verbose=2, keep_checkpoints="none"),
 )
 
 

@@ -209,7 +209,9 @@ SMOKE = Config(
         "model": OptimizerConfig(name="adam", learning_rate=1e-3),
         "label": OptimizerConfig(name="adam", learning_rate=1e-3),
     },
-    train=TrainConfig(epochs=1, steps_per_epoch=3, folds=1, runs=1, verbose=2),
+    train=TrainConfig(
+        epochs=1, steps_per_epoch=3, folds=1, runs=1, verbose=2, keep_checkpoints="none"
+    ),
 )
 
 # ------------------------------------------------------------------------------ paper numbers

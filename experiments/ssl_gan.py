@@ -233,7 +233,9 @@ SMOKE = Config(
         "generator": dataclasses.replace(_GAN_ADAM, learning_rate=1e-3),
         "baseline": OptimizerConfig(name="adam", learning_rate=1e-3, beta_1=0.9),
     },
-    train=TrainConfig(epochs=2, steps_per_epoch=6, verbose=2, checkpoint_steps=0),
+    train=TrainConfig(
+        epochs=2, steps_per_epoch=6, verbose=2, checkpoint_steps=0, keep_checkpoints="none"
+    ),
 )
 
 # ------------------------------------------------------------------------------ paper numbers

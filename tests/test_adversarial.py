@@ -1,4 +1,4 @@
-"""Zhou et al. 2019 training (DESIGN.md section 6): the masked cross-entropy, the stage-1
+"""Zhou et al. 2019 training (docs/design.md section 6): the masked cross-entropy, the stage-1
 generator trainer and the stage-2 collaborative trainer (log keys, one optimizer per network
 with disjoint variables, pseudo-mask targets, discriminator targets, loss going down, 1 vs 2
 replicas)."""
@@ -156,7 +156,7 @@ def test_generator_pretrainer_logs_steps_and_learns():
 
 def test_stage2_ownership_targets_gradients_logs_and_steps():
     """One trainer (building the networks is the slow part): each check below is one of
-    DESIGN.md section 6's trainer checks."""
+    docs/design.md section 6's trainer checks."""
     trainer = _trainer()
     image, y = data = _batch()
 

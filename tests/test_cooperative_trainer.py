@@ -1,6 +1,6 @@
-"""The cooperative trainer (DESIGN.md section 6): log keys, both optimizers, variable ownership,
-the shared encoder moved by both agents at their own rates, gradients everywhere, loss going down
-and one vs two replicas."""
+"""The cooperative trainer (docs/design.md section 6): log keys, both optimizers, variable
+ownership, the shared encoder moved by both agents at their own rates, gradients everywhere, loss
+going down and one vs two replicas."""
 
 import numpy as np
 import pytest

@@ -151,3 +151,33 @@ def test_bad_arguments_exit_2_with_a_clear_message(exported, tmp_path, capsys, a
     flat = [x for pair in argv.items() for x in pair]
     assert main(flat + ["--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_predict_on_the_real_retina_photograph(exported, tmp_path, capsys):
+    """README's first prediction: scikit-image's real fundus photograph (CC0), graded through
+    the command line, its field of view found and its lesion maps mapped back onto it."""
+    import skimage.data
+
+    from drkeras.data import samples
+
+    assert samples.main(["--out", str(tmp_path / "example")]) == 0
+    path = tmp_path / "example" / "retina.jpg"
+    assert path.read_bytes() == samples.retina_source().read_bytes()  # the file itself
+    photo = read_image(path)
+    np.testing.assert_array_equal(photo, skimage.data.retina())
+    out = tmp_path / "pred"
+    assert main(["--model", str(exported), "--images", str(path), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert "1 image(s) predicted" in capsys.readouterr().out
+    row = pd.read_csv(out / "predictions.csv").iloc[0]
+    assert (row["width"], row["height"]) == (1411, 1411)
+    probs = row[[f"p_grade_{k}" for k in range(5)]].to_numpy(float)
+    np.testing.assert_allclose(probs.sum(), 1.0, atol=1e-5)
+    # The photograph's disc touches the frame but for thin black margins: the field-of-view box
+    # is the frame less a few pixels on each side.
+    y0, x0, y1, x1 = preprocess.fov_box(photo).numpy()
+    assert 0 < y0 <= 14 and 0 < x0 <= 14 and 1397 <= y1 < 1411 and 1397 <= x1 < 1411
+    overlay = cv2.imread(str(out / "overlays" / "retina.png"))
+    assert overlay.shape[1] == 1411 and overlay.shape[0] > 1411  # photo + caption banner
+    grey = cv2.imread(str(out / "maps" / "retina" / "lesion_probs_EX.png"), 0)
+    assert grey.shape == (1411, 1411) and grey[(y0 + y1) // 2, (x0 + x1) // 2] > 0

@@ -254,3 +254,16 @@ def test_keep_checkpoints_all_keeps_every_checkpoint_with_its_optimizer_state(tm
     assert _state(out, "pretrain").get("weights_only", False) is False
     with pytest.raises(SystemExit):
         main(Tiny(), ["--out", str(tmp_path / "bad"), "--set", "train.keep_checkpoints=some"])
+
+
+def test_keep_checkpoints_none_deletes_them_when_the_run_completes_not_before(tmp_path):
+    out = tmp_path / "none"
+    keep_none = ["--set", "train.keep_checkpoints=none"]
+    # A run that stops early (a NaN) keeps what resuming needs.
+    assert main(Tiny(), ["--out", str(out), "--set", "method.nan_at_step=12"] + keep_none) == 3
+    assert _state(out, "joint")["checkpoint"] == "ckpt-12"
+    assert (out / "checkpoints" / "pretrain" / "done.json").is_file()
+    # A completed run keeps its results and history, not its checkpoints.
+    assert main(Tiny(), ["--out", str(out), "--fresh"] + keep_none) == 0
+    assert not (out / "checkpoints").exists()
+    assert (out / "results.csv").is_file() and len(_rows(out / "history.csv")) == 5

@@ -1,4 +1,5 @@
-"""The patch SSL-GAN trainer (Lecouat et al. 2018, Sec. 2): DESIGN.md section 6 trainer tests."""
+"""The patch SSL-GAN trainer (Lecouat et al. 2018, Sec. 2): the trainer tests of docs/design.md
+section 6."""
 
 import numpy as np
 import pytest

@@ -73,7 +73,7 @@ def fov_box(image) -> tf.Tensor:
     ``max(FOV_ABS_FLOOR, FOV_REL_THRESHOLD * brightest)`` on the 0-255 scale, keeps the rows and
     columns with at least ``FOV_MIN_FRACTION`` of their pixels (and ``FOV_MIN_PIXELS``) above
     it, and returns the extent.
-    Same idea as Graham's radius estimate (DATASETS.md section 8), done in both directions so
+    Same idea as Graham's radius estimate (docs/datasets.md section 8), done in both directions so
     FOVs clipped at the top and bottom (IDRiD) are handled.
 
     Args:
@@ -237,7 +237,7 @@ def gaussian_blur(image, sigma: float) -> tf.Tensor:
 
 
 def graham(image, *, scale_sigma_frac: float = 1.0 / 30.0) -> tf.Tensor:
-    """Graham's preprocessing (Kaggle DR 2015 winner; DATASETS.md section 8) on an image whose
+    """Graham's preprocessing (Kaggle DR 2015 winner; docs/datasets.md section 8) on an image whose
     field of view fills it (e.g. after :func:`crop_and_resize` of the :func:`fov_box`).
 
     ``4 * img - 4 * GaussianBlur(img, sigma) + 128`` with ``sigma = scale_sigma_frac * r``,

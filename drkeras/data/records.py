@@ -1,4 +1,4 @@
-"""The one TFRecord schema shared by every dataset (DESIGN.md section 3, "Records").
+"""The one TFRecord schema shared by every dataset (docs/design.md section 3, "Records").
 
 Each example holds:
 
@@ -144,7 +144,8 @@ def encode_example(
     dme: int = keys.UNKNOWN,
     lossless: bool = False,
 ) -> bytes:
-    """Serialise one example of the record schema (DESIGN.md section 3) as ``tf.train.Example``.
+    """Serialise one example of the record schema (docs/design.md section 3) as a
+    ``tf.train.Example``.
 
     Args:
         id: unique example id, e.g. ``"idrid-grading-test-IDRiD_001"``.

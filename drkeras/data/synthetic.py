@@ -193,7 +193,7 @@ def icdrs_grade(counts: Mapping[str, object]) -> int:
 
 
 def messidor_grade(counts: Mapping[str, object]) -> int:
-    """Messidor retinopathy grade (0-3) of a set of lesions (DATASETS.md section 3).
+    """Messidor retinopathy grade (0-3) of a set of lesions (docs/datasets.md section 3).
 
     0: no MA and no haemorrhage; 1: 1-5 MAs, no haemorrhage; 2: 6-14 MAs or 1-4 haemorrhages,
     no new vessels; 3: 15+ MAs, 5+ haemorrhages or new vessels.
@@ -813,7 +813,7 @@ def generate(
 
 
 # --------------------------------------------------------------------------------------------
-# On-disk layouts (DATASETS.md)
+# On-disk layouts (docs/datasets.md)
 
 LAYOUTS = ("idrid", "eyepacs", "ddr", "messidor")
 

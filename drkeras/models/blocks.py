@@ -9,9 +9,9 @@
 - :func:`pretrained_download_guard`: turns a failed weight download into a
   :class:`PretrainedWeightsUnavailable` that names the option to change (``model.encoder_weights``).
 
-Layer names follow DESIGN.md: encoder layers keep the ``keras.applications`` names, decoder layers
-are ``decoder_stage{b}_{upconv,concat,conv{j}}`` where ``b`` is the encoder block whose skip the
-stage receives, outputs are named by :mod:`drkeras.keys`.
+Layer names follow docs/design.md (section 5): encoder layers keep the ``keras.applications``
+names, decoder layers are ``decoder_stage{b}_{upconv,concat,conv{j}}`` where ``b`` is the encoder
+block whose skip the stage receives, outputs are named by :mod:`drkeras.keys`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ VGG16_SKIP_LAYERS: Tuple[str, ...] = tuple(
 VGG16_OUTPUT_LAYER = "block5_pool"
 VGG16_DOWNSAMPLING = 2 ** len(VGG16_BLOCKS)
 
-# The config key users change to avoid a download (DESIGN.md section 1).
+# The config key users change to avoid a download (docs/design.md section 1).
 WEIGHTS_OPTION = "model.encoder_weights"
 
 # The same file keras.applications.VGG16(include_top=False) downloads, so one cached copy in

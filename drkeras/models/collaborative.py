@@ -130,7 +130,7 @@ class Subsample2D(keras.layers.Layer):
 def _batchnorm(name: str, synchronized: bool, momentum: float = 0.99) -> keras.layers.Layer:
     # Synchronised statistics: under a MirroredStrategy every replica normalises with the
     # GLOBAL batch's mean and variance, so N replicas take the same step as one device
-    # (DESIGN.md section 4). On one device it computes the same as plain (fused) batch norm,
+    # (docs/design.md section 4). On one device it computes the same as plain (fused) batch norm,
     # about twice as slowly when run eagerly, so builders let one-device runs switch it off.
     return keras.layers.BatchNormalization(synchronized=synchronized, momentum=momentum, name=name)
 

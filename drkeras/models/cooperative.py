@@ -1,7 +1,8 @@
 """Networks of the cooperative joint segmentation and classification paper, and its baselines.
 
-Paper: "Joint cooperative end-to-end learning for deep convolutional semantic segmentation"
-(``../shared/papers/jointseg_cooperative_learning.txt``): a shared encoder ``M`` feeds a
+Paper: "Rethinking Convolutional Semantic Segmentation Learning", arXiv:1710.07991 (2017), whose
+abstract proposes joint cooperative end-to-end learning (fidelity table:
+``docs/papers/cooperative.md``): a shared encoder ``M`` feeds a
 classifier agent ``C`` and a segmentation agent ``S`` (Eq. 1, Fig. 1, Fig. 5); the algorithm that
 trains them with two optimizers is :class:`drkeras.training.cooperative.CooperativeTrainer`.
 

@@ -3,7 +3,7 @@
 Each trainer receives its sub-networks (from :mod:`drkeras.models`) in ``__init__``, takes named
 optimizers in ``compile`` (refusing an ambiguous ``optimizer=``/``loss=``), reduces its losses
 over the global batch so it runs unchanged under a ``MirroredStrategy``, and lists the paper's
-algorithm as numbered steps in its docstring (DESIGN.md section 4).
+algorithm as numbered steps in its docstring (docs/design.md section 4).
 
 Modules:
     bilevel: PLDMLT's Algorithm 1, the multi-task network and the label update network trained

@@ -4,7 +4,7 @@ The label update network ``u_psi`` is trained through a second-order meta-gradie
 virtual training step of the multi-task network on ``u_psi``'s labels changes the segmentation
 loss afterwards. Differentiating through that step needs the multi-task network evaluated at
 weights ``theta* = theta - eps * g(theta, psi)`` that are *tensors* depending on ``psi``; an
-``assign`` would cut the graph (DESIGN.md section 4).
+``assign`` would cut the graph (docs/design.md section 4).
 
 Evaluating a Keras model at substituted weights
 -----------------------------------------------

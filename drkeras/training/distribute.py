@@ -5,7 +5,7 @@ touches TensorFlow, then :func:`seed_everything` and :func:`set_precision`; expe
 models, optimizers and metrics inside ``strategy.scope()`` (:func:`check_built_in_scope` rejects
 a model or optimizer built outside it, which would otherwise train silently on one device).
 
-Contract of every custom ``train_step`` (DESIGN.md section 4):
+Contract of every custom ``train_step`` (docs/design.md section 4):
 
 - Batch sizes in configs are GLOBAL: with N replicas each one gets ``batch_size / N`` examples.
 - Losses that make gradients are reduced over the global batch
