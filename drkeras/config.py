@@ -138,7 +138,12 @@ class TrainConfig:
         folds: cross-validation folds (1 = the official split).
         mixed_precision: ``mixed_float16`` on GPUs, ``mixed_bfloat16`` on CPUs.
         jit_compile: compile train steps with XLA.
-        deterministic: enable TensorFlow op determinism (reproducible, slower on GPU).
+        deterministic: TensorFlow op determinism: ``auto`` (on for CPUs, where the tests and
+            the resume guarantee rely on it; off on GPUs, with one log line, since TensorFlow
+            2.15 has no deterministic GPU kernel for some ops the papers' networks use, e.g. the
+            gradient of ``UpSampling2D``), ``true`` (on everywhere; on a GPU each stage's train
+            step is checked before training and the run stops naming the op and layer that
+            cannot be deterministic there) or ``false``.
         verbose: Keras progress output (1 = progress bar, 2 = one line per epoch, 0 = silent).
         checkpoint_steps: save a resumable checkpoint every this many steps of a stage, besides
             every epoch end (0 = epoch ends only); see ``RunContext.fit``.
@@ -155,12 +160,19 @@ class TrainConfig:
     folds: int = 1
     mixed_precision: bool = False
     jit_compile: bool = False
-    deterministic: bool = True
+    deterministic: str = "auto"
     verbose: int = 1
     checkpoint_steps: int = 500
     keep_checkpoints: str = "final"
 
     def __post_init__(self):
+        if isinstance(self.deterministic, bool):  # TrainConfig(deterministic=False) in code
+            object.__setattr__(self, "deterministic", str(self.deterministic).lower())
+        if self.deterministic not in ("auto", "true", "false"):
+            raise ConfigError(
+                "train.deterministic: expected 'auto', 'true' or 'false', got "
+                f"{self.deterministic!r}"
+            )
         if self.keep_checkpoints not in ("final", "all", "none"):
             raise ConfigError(
                 "train.keep_checkpoints: expected 'final', 'all' or 'none', got "

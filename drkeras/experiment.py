@@ -67,7 +67,7 @@ from drkeras.config import (
     resolve_preset,
     save_config,
 )
-from drkeras.training import checkpoint, distribute
+from drkeras.training import checkpoint, determinism, distribute
 from drkeras.training.callbacks import HistoryCSV, NaNGuard, TrainingDiverged
 
 log = logging.getLogger("drkeras")
@@ -213,6 +213,9 @@ class RunContext:
         Raises:
             TrainingDiverged: a loss became NaN or infinite; the message names where, and the
                 last good checkpoint is kept.
+            NondeterministicOps: op determinism is on, a GPU is visible, and the traced train
+                step holds ops without a deterministic GPU kernel (checked before training;
+                :mod:`drkeras.training.determinism`).
         """
         if "initial_epoch" in kwargs:
             raise TypeError("ctx.fit() sets initial_epoch itself (it resumes stages); drop it")
@@ -250,6 +253,8 @@ class RunContext:
                         stage,
                         saver.epoch + 1,
                     )
+            if _op_determinism_enabled() and tf.config.list_logical_devices("GPU"):
+                determinism.check_model(model, data, stage=stage)
             log.info("stage %s: training", stage)
             try:
                 model.fit(
@@ -283,6 +288,28 @@ class RunContext:
         self._stages[safe] += 1
         count = self._stages[safe]
         return safe if count == 1 else f"{safe}_{count}"
+
+
+def resolve_determinism(setting: str) -> bool:
+    """Whether op determinism is turned on for ``train.deterministic=setting`` on this machine
+    (``auto``: on without GPUs, off with one log line when a GPU is visible)."""
+    if setting != "auto":
+        return setting == "true"
+    if not tf.config.list_physical_devices("GPU"):
+        return True
+    log.info(
+        "train.deterministic=auto: TensorFlow op determinism is off on GPUs (TensorFlow 2.15 has "
+        "no deterministic GPU kernel for some of the papers' ops, e.g. the gradient of "
+        "UpSampling2D); --set train.deterministic=true turns it on and checks every stage first"
+    )
+    return False
+
+
+def _op_determinism_enabled() -> bool:
+    """Whether TensorFlow's op determinism is on (set by ``seed_everything``)."""
+    from tensorflow.python.framework import config as tf_config  # no public getter in TF 2.15
+
+    return bool(tf_config.is_op_determinism_enabled())
 
 
 def _synthetic_records(dataset: str, root: pathlib.Path, data, seed: int) -> pathlib.Path:
@@ -397,7 +424,7 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
 
     previous_policy = tf.keras.mixed_precision.global_policy()
     previous_rng = tf.keras.backend.experimental.is_tf_random_generator_enabled()
-    deterministic = config.train.deterministic
+    deterministic = resolve_determinism(config.train.deterministic)
     if deterministic and config.train.jit_compile:
         # XLA refuses max-pooling gradients (every VGG16 model) under op determinism.
         log.warning(
@@ -426,6 +453,9 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 3
+    except determinism.NondeterministicOps as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         default = previous_policy.name == tf.keras.backend.floatx()
         tf.keras.mixed_precision.set_global_policy(None if default else previous_policy)
