@@ -55,15 +55,18 @@ __all__ = [
     "accuracy",
     "as_flat_dict",
     "confusion_matrix",
+    "dice_iou_relation",
     "dice_per_image",
     "dice_pooled",
     "grading_scores",
     "image_auc",
     "image_scores_from_patches",
+    "iou_of_dice",
     "iou_per_image",
     "iou_pooled",
     "kappa_from_confusion",
     "mean_std",
+    "micro_dice_iou",
     "one_vs_rest_auc",
     "paired_ttest",
     "patch_auc",
@@ -391,6 +394,98 @@ class SegmentationCounter:
         result["miou_pooled"] = _nanmean_scalar(out["iou_pooled"])
         result["pixel_accuracy_mean"] = _nanmean_scalar(out["pixel_accuracy"])
         return result
+
+
+def micro_dice_iou(counter: SegmentationCounter, channels=None, *, empty_score=np.nan):
+    """Dice and IoU with TP, FP and FN summed over the images AND the channels (micro average).
+
+    Counts of a channel enter only for the images where it is annotated. On one-hot argmax
+    maps over all the classes of a mutually exclusive set (background included), every wrong
+    pixel is one FP of its predicted class and one FN of its true class, so this Dice is the
+    pixel accuracy, ``TP / N``, and the IoU ``TP / (TP + wrong) = Dice / (2 - Dice)``.
+
+    Args:
+        counter: a filled :class:`SegmentationCounter`.
+        channels: names of the channels pooled (default all).
+        empty_score: value when nothing is predicted or true in those channels.
+
+    Returns:
+        ``{"dice": float, "iou": float}``.
+
+    Example::
+
+        >>> counter = SegmentationCounter(["bg", "fg"])
+        >>> counter.update(np.array([[[[1, 0], [0, 1]]]]), np.array([[[[1, 0], [1, 0]]]]))
+        >>> micro_dice_iou(counter)   # 1 of 2 pixels right: Dice 1/2, IoU 1/3
+        {'dice': 0.5, 'iou': 0.333...}
+    """
+    counts, present = counter.counts()
+    names = list(counter.names)
+    wanted = names if channels is None else list(channels)
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise ValueError(f"micro_dice_iou: unknown channel(s) {unknown}; channels are {names}")
+    index = [names.index(c) for c in wanted]
+    mask = present[:, index].astype(np.int64)
+    tp, fp, fn = ((counts[:, i, index] * mask).sum() for i in range(3))
+    return {
+        "dice": float(_dice(tp, fp, fn, empty_score)),
+        "iou": float(_iou(tp, fp, fn, empty_score)),
+    }
+
+
+def iou_of_dice(dice):
+    """The IoU of the prediction/target pair a Dice value comes from: ``J = D / (2 - D)``.
+
+    Exact for ONE pair of sets (one class, or counts pooled into one pair, as
+    :func:`micro_dice_iou`). ``J(D)`` is convex, so a mean over several classes or images has
+    ``mean J >= J(mean D)`` (Jensen), with equality only when all its members are equal.
+
+    Example::
+
+        >>> iou_of_dice(2 / 3)   # tp 1, fp 1, fn 0: Dice 2/3, IoU 1/2
+        0.5
+    """
+    dice = np.asarray(dice, np.float64)
+    out = dice / (2.0 - dice)
+    return float(out) if out.ndim == 0 else out
+
+
+def dice_iou_relation(
+    mdice: float, miou: float, *, decimals: int, percent: bool = True, slack: float = 2.0
+) -> str:
+    """What a published (mDice, mIoU) pair can be: which aggregations it is consistent with.
+
+    Compares ``miou`` with :func:`iou_of_dice` of ``mdice``, allowing ``slack`` times the
+    rounding of both printed values (half a unit of the last of ``decimals`` decimals each,
+    the Dice error carried through ``dJ/dD = 2 / (2 - D)^2``; the default 2 also covers values
+    computed from rounded intermediates):
+
+    - ``"single"``: ``miou = mdice / (2 - mdice)``: one Dice/IoU pair (a binary lesion Dice,
+      counts pooled over classes, or one class), or a mean of equal members;
+    - ``"mean"``: ``miou`` above it: a mean over several classes or images with unequal
+      members (not a single pair);
+    - ``"none"``: ``miou`` below it: neither (no mean of Dice/IoU pairs lies there).
+
+    Args:
+        mdice, miou: the published values.
+        decimals: decimals printed in the paper.
+        percent: the values are percentages.
+        slack: multiple of the rounding bound accepted as equality.
+
+    Example::
+
+        >>> dice_iou_relation(98.897, 97.820, decimals=3)   # 98.897 / (200 - 98.897) = 97.818
+        'single'
+    """
+    scale = 100.0 if percent else 1.0
+    d, j = float(mdice) / scale, float(miou) / scale
+    half = 0.5 * 10.0 ** (-int(decimals)) / scale
+    tolerance = float(slack) * (half + half * 2.0 / (2.0 - d) ** 2)
+    residual = j - iou_of_dice(d)
+    if abs(residual) <= tolerance:
+        return "single"
+    return "mean" if residual > 0 else "none"
 
 
 def _nanmean(x, axis):

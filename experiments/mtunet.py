@@ -69,8 +69,10 @@ initial network, the variants, both MTUnets) starts from the same weights in the
 shares, so single- vs multi-task differences are not differences of initialisation.
 Per-network input scaling: with ``model.encoder_weights=imagenet`` each network gets the
 scaling its ImageNet weights expect (VGG16: caffe; NASNet / InceptionResNetV2: [-1, 1];
-DenseNet: torch; image-classifiers ResNeXt / ResNet: raw 0-255); without pretrained weights all
-use ``data.normalization``.
+DenseNet: torch; image-classifiers ResNeXt / ResNet: raw 0-255; keras-cv ResNetV2 of DeepLab:
+[0, 1]), from the table shared with PLDMLT and the exports
+(:mod:`drkeras.models.input_scaling`); without pretrained weights all use
+``data.normalization``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ from drkeras.data import pipeline, preprocess
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
 from drkeras.export import export_model
 from drkeras.models import baselines, blocks, mtunet
+from drkeras.models.input_scaling import input_scaling
 from drkeras.plots import display_image, new_figure, plot_history, save_figure
 from drkeras.pseudo_masks import pseudo_masks_from_probs
 from drkeras.results import ResultsTable
@@ -124,7 +127,6 @@ __all__ = [
     "SMOKE",
     "balanced_grading_ids",
     "dice_table",
-    "input_scaling",
     "lesion_group_dice",
     "plot_segmentation_comparison",
 ]
@@ -221,39 +223,27 @@ _ROW_ARCHITECTURES = {
 # A VGG16 classifier (MTUnet's encoder + its grading head, at model.width): not in the paper,
 # accepted as a cheap grader for quick test runs, always named in the table title.
 VGG16_GRADER = "vgg16"
+# The name of MTUnet's VGG16 encoder (keras.applications layout and weights) in the
+# input-scaling table (drkeras.models.input_scaling).
+VGG16_ENCODER = "vgg16"
 
 # "random rotations, width/height shifts, shear, zoom, vertical/horizontal flips and channel
-# shifts" (section "Semi-Supervised Training"); the ranges are not given, these are ours.
+# shifts" (section "Semi-Supervised Training"): the parameter list of Keras'
+# ImageDataGenerator (the paper's networks are Keras), whose conventions we follow: one channel
+# shift for all channels clipped to the image's own range, x and y zoom drawn apart, the
+# nearest edge pixel as fill. The ranges are not given, these are ours.
 MTUNET_AUGMENT = dataclasses.replace(
     aug.NO_AUGMENT,
     flip_horizontal=True,
     flip_vertical=True,
     rotation_deg=20.0,
     zoom=0.1,
+    zoom_per_axis=True,
     shift=0.1,
     shear_deg=10.0,
     channel_shift=10.0,
-)
-
-# Input scaling expected by ImageNet weights, by network / backbone name prefix (first match).
-RAW = "raw"  # float RGB in [0, 255], no scaling (image-classifiers' nets normalise themselves)
-_IMAGENET_INPUT = (
-    ("vgg", "imagenet_caffe"),
-    ("mtunet", "imagenet_caffe"),
-    ("densenet", "imagenet_torch"),
-    ("efficientnet", "imagenet_torch"),
-    ("nasnet", "symmetric"),
-    ("inception", "symmetric"),
-    ("xception", "symmetric"),
-    ("mobilenet", "symmetric"),
-    ("resnet50v2", "symmetric"),
-    ("resnet101v2", "symmetric"),
-    ("resnet152v2", "symmetric"),
-    ("resnet", RAW),
-    ("resnext", RAW),
-    ("seresne", RAW),
-    ("senet", RAW),
-    ("deeplab", "unit"),  # keras-cv ResNetV2 preset without its own 1/255 rescaling
+    channel_shift_shared=True,
+    fill="nearest",
 )
 
 _PSEUDO_FEATURES = {
@@ -460,37 +450,6 @@ def lesion_group_dice(pred_classes, true_classes, class_set: str = mtunet.DEFAUL
     return dict(counter.result()["dice_pooled"])
 
 
-def input_scaling(network: str, *, encoder_weights: Optional[str], default: str) -> str:
-    """The input scaling a network is trained and evaluated with.
-
-    Without pretrained weights every network gets ``default`` (``data.normalization``), so a
-    comparison differs only in the architecture. With ImageNet weights each gets the scaling its
-    weights were trained with: a mode of :func:`drkeras.data.preprocess.normalize`, or ``"raw"``
-    (0-255 values, for image-classifiers' ResNet / ResNeXt, which normalise with their own first
-    batch-norm layer).
-
-    Args:
-        network: a grader registry name, a segmentation-models backbone, ``"mtunet"`` (VGG16
-            encoder) or ``"deeplab"``.
-        encoder_weights: ``None`` or ``"imagenet"``.
-        default: the scaling without pretrained weights.
-
-    Example::
-
-        input_scaling("resnext101", encoder_weights="imagenet", default="unit")   # "raw"
-        input_scaling("densenet201", encoder_weights=None, default="unit")        # "unit"
-    """
-    if encoder_weights is None:
-        return default
-    for prefix, mode in _IMAGENET_INPUT:
-        if network.startswith(prefix):
-            return mode
-    raise ValueError(
-        f"no ImageNet input scaling known for {network!r}; known prefixes: "
-        f"{[p for p, _ in _IMAGENET_INPUT]} (or set model.encoder_weights=none)"
-    )
-
-
 def dice_table(dice: Mapping[str, Sequence[Mapping[str, float]]], *, title: str) -> ResultsTable:
     """Table 2 from per-run Dice: one row per network, plus the paired t-test row.
 
@@ -540,9 +499,9 @@ def dice_table(dice: Mapping[str, Sequence[Mapping[str, float]]], *, title: str)
 
 
 def _network_input(image, mode: str) -> tf.Tensor:
-    """A float RGB image (or batch) in [0, 255] scaled as a network expects."""
-    image = tf.cast(image, tf.float32)
-    return image if mode == RAW else preprocess.normalize(image, mode)
+    """A float RGB image (or batch) in [0, 255] scaled as a network expects (``mode``: from
+    :func:`drkeras.models.input_scaling.input_scaling`)."""
+    return preprocess.normalize(tf.cast(image, tf.float32), mode)
 
 
 def _stage_seed(seed: int, name: str) -> int:
@@ -648,9 +607,10 @@ class _Run:
         if method.seg_epochs < 1 or self.config.train.epochs < 1:
             raise ValueError("method.seg_epochs and train.epochs must be >= 1")
 
-    def _input_mode(self, family: str) -> str:
+    def _input_mode(self, network: str) -> str:
+        """The input scaling of ``network`` (:mod:`drkeras.models.input_scaling`)."""
         return input_scaling(
-            family,
+            network,
             encoder_weights=self.config.model.encoder_weights,
             default=self.data.normalization,
         )
@@ -879,7 +839,10 @@ class _Run:
         )
 
     def segmenter_family(self, name: str) -> str:
-        return "deeplab" if name == "deeplabv3plus" else self.method.segmenter_backbone
+        """The encoder of a Table 2 baseline, as named in the input-scaling table."""
+        if name == "deeplabv3plus":
+            return self.method.deeplab_backbone
+        return self.method.segmenter_backbone
 
     def grader(self, row: str, name: str, seed: int) -> keras.Model:
         model_cfg = self.config.model
@@ -1046,7 +1009,7 @@ class _Run:
 
     def initial_segmenter(self, seg_train, seg_test, pseudo_path, selection, seed, tag):
         """Fig. 7 (a)-(b): returns (Dice %, predicted test classes, pseudo-labelled count)."""
-        mode = self._input_mode("mtunet")
+        mode = self._input_mode(VGG16_ENCODER)
         model = self.vgg16_unet(None, seed)
         self.compile_seg(model)
         stream = self.stream(
@@ -1064,7 +1027,7 @@ class _Run:
         (per grade) and, with ``grade_images``, their predicted ``"grades"``.
         """
         seg_test, idrid_test, external_test = tests
-        mode = self._input_mode("mtunet")
+        mode = self._input_mode(VGG16_ENCODER)
         model = self.vgg16_unet(variant, seed)
         stage = f"{tag}_variant_{variant.lower()}"
         if variant == "B":
@@ -1103,7 +1066,7 @@ class _Run:
     def segmenter_run(self, row, name, seg_train, seg_test, pseudo_grades, seed, tag):
         """Table 2: a baseline (``name``) or, for ``name=None``, MTUNet with pseudo grades."""
         if name is None:
-            mode = self._input_mode("mtunet")
+            mode = self._input_mode(VGG16_ENCODER)
             model = self.vgg16_unet("C", seed)
             self.compile_multitask(model)
             source, kind = self.memory_source(seg_train, pseudo_grades), "multitask"

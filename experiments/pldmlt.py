@@ -17,7 +17,7 @@ epochs at 1024 x 1024, five folds; not run here).
 
 Expected result: smoke, every row of Tables 1-3 filled beside the paper's numbers, Fig. 6
 (``fig6_cams.png``), overlays, training curves and ``export/pldmlt``. The numbers are those of
-3 training steps on synthetic images, not the paper's: mDice about 5-20 % (a network that
+3 training steps on synthetic images, not the paper's: 5-class mDice about 5-20 % (a network that
 predicts only background scores about 19 %: background Dice ~0.95 averaged with four lesion
 classes at 0) and grading near chance. The stage-1 table shows the refinement at work on
 synthetic IDRiD-S, whose true grades are known: the lesion-mask rules correct pseudo grades
@@ -39,7 +39,10 @@ Table 2), repeated ``train.runs`` times and over ``train.folds`` folds:
    fused lesion mask (section 4.1, :func:`drkeras.models.pldmlt.fuse_lesion_masks`: background,
    MA, HE, EX, SE) and the grade, ``L = L_S + beta L_C`` with categorical focal losses (gamma 2,
    alpha 0.25; beta 0.8 on IDRiD, 0.95 on DDR), Adam 5e-5, the label update network trained
-   bilevel (:class:`drkeras.training.bilevel.BilevelMultiTaskTrainer`).
+   bilevel (:class:`drkeras.training.bilevel.BilevelMultiTaskTrainer`). The label update
+   network starts at the stage-1 pseudo grade (label-smoothed by ``method.label_smoothing``)
+   and learns a correction of its logits over all five grades (``method.label_mask=all``,
+   section 3.3.2); see :func:`drkeras.models.pldmlt.build_label_update_net`.
 3. Baselines on the same images, pipeline, optimizer and budget (epochs x steps x batch):
    UNet (VGG16), LinkNet (ResNet-18), DeepLabv3+ (ResNet-50), FPN (ResNet) on the fused mask
    with the same focal loss; NASNet and DenseNet-201 graders beside the two ResNeXts (sparse
@@ -48,13 +51,29 @@ Table 2), repeated ``train.runs`` times and over ``train.folds`` folds:
    pseudo grades. Table 3 ablates Ours on IDRiD: ``L_S`` only; ``+ L_C`` (weights [1, 1], fixed
    pseudo grades); ``+ Upd-Net`` (bilevel, [1, 1]); ``+ Weight`` ([1, beta]: the Ours run).
 
+Input scaling and augmentation. With ``model.encoder_weights=imagenet`` every network gets the
+scaling its ImageNet weights were trained with, from the table shared with MTUnet and the exports
+(:mod:`drkeras.models.input_scaling`): VGG16 (ours, MTUnet, UNet) caffe; the image-classifiers
+ResNeXts of stage 1 and the LinkNet / FPN ResNet encoders 0-255 as they are; NASNet [-1, 1];
+DenseNet-201 torch; keras-cv's ResNet50V2 of DeepLabv3+ [0, 1]. Without pretrained weights all
+use ``data.normalization``. Training batches are augmented as section 4.1 names it, rotation,
+flips and cropping (:data:`PLDMLT_AUGMENT`, our ranges).
+
 Evaluation. Segmentation on the held-out pixel-level images (official test split, or the held-out
-fold): mDice/mIoU are the means over the five classes of the fused mask, *background included*,
-Dice (Eq. 5) and IoU pooled over the test images per class. That is our reading of the paper's
-numbers: its mIoU matches ``mDice / (2 - mDice)`` (96.949 -> 94.08 vs 94.164; 98.897 -> 97.82 vs
-97.820), the relation of a mean over classes, and values near 96-99 % are only reachable with
-the background class (>95 % of the pixels) in the mean. The lesion-only mean is reported beside
-them. Grading accuracy (Eq. 6) is measured on the grading test split (IDRiD-D / DDR grading).
+fold), Dice (Eq. 5) and IoU on the fused mask. The paper does not define its mDice / mIoU, so
+five readings are reported side by side, each beside the paper's pair
+(:class:`FusedSegmentationScore`): the 5-class mean with background, the 4-lesion mean, binary
+lesion vs background, per-image means, and all pixels pooled (Dice = pixel accuracy). What the
+paper's pairs allow: for ONE Dice/IoU pair ``IoU = Dice / (2 - Dice)``, and a mean of unequal
+pairs lies above it (:func:`drkeras.metrics.dice_iou_relation`). All six DDR pairs, IDRiD's
+DeepLabv3+ and Table 3's "+ L_C" and "+ Weight" satisfy it within rounding (one pair, e.g.
+binary lesion or all pixels, or a mean of near-equal values); IDRiD's UNet, LinkNet, MTUnet,
+Ours and Table 3's "L_S" lie above it (a mean over classes, images or the five folds); IDRiD's
+FPN (87.101 for 92.12) and "+ Upd-Net" lie below it, where no reading can. Values of 96-99 %
+need either the background in the aggregate or a near-perfect lesion segmentation; which
+reading the paper used is not established, and the tables claim none (their titles list which
+paper pairs fit which kind of reading). Grading accuracy (Eq. 6) is measured on the grading
+test split (IDRiD-D / DDR grading).
 
 Reading choices where the paper is silent are documented on :class:`Method` and in the tables.
 """
@@ -75,13 +94,16 @@ from tensorflow import keras
 from drkeras import keys, losses, metrics
 from drkeras.cam_figure import plot_class_cams
 from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess, records
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
 from drkeras.export import export_model
 from drkeras.models import mtunet
 from drkeras.models.baselines import build_grader, build_segmenter
 from drkeras.models.blocks import scaled_filters
+from drkeras.models.input_scaling import input_scaling
 from drkeras.models.pldmlt import (
+    DEFAULT_SMOOTHING,
     FUSED_CLASS_SET,
     FUSED_CLASSES,
     NUM_FUSED_CLASSES,
@@ -97,6 +119,7 @@ from drkeras.training.optim import build_optimizer
 
 __all__ = [
     "PAPER_ABLATION",
+    "PLDMLT_AUGMENT",
     "PAPER_ACCURACY",
     "PAPER_SEGMENTATION",
     "PLDMLT",
@@ -128,6 +151,16 @@ class Method:
             Tables 1-2 (VGG16, ResNet-18, ResNet-50; the FPN's "ResNet" depth is not given).
         label_widths, label_hidden: the label update network (Fig. 5 is not in our copy; see
             :func:`drkeras.models.pldmlt.build_label_update_net`).
+        label_smoothing: its starting point, the stage-1 pseudo grade label-smoothed by this
+            amount (0.1: probability 0.92 on the pseudo grade, 0.02 on each other grade); the
+            network learns a correction of it, zero at initialisation.
+        label_mask: the mask ``M`` of Eq. 4: ``all`` (the five-grade hierarchy of section
+            3.3.2: every grade keeps a probability and can be learnt) or ``allowed`` (only the
+            stage-1 grades consistent with the lesions; an image with a single allowed grade
+            then keeps it and gives the label network no gradient).
+        meta_grade_weight: weight of the grading loss against the stage-1 pseudo grades in the
+            meta loss of Algorithm 1 (0: the segmentation loss only; see
+            :class:`drkeras.training.bilevel.BilevelMultiTaskTrainer`).
         virtual_lr: step size of Algorithm 1's virtual update (0: the model learning rate).
         cam_threshold, min_overlap, severe_min_kinds, min_lesion_pixels: the stage-1
             refinement rule (:func:`drkeras.pseudo_grades.refine_pseudo_grades`).
@@ -156,6 +189,9 @@ class Method:
     fpn_backbone: str = "resnet50"
     label_widths: Tuple[int, ...] = (16, 32, 64)
     label_hidden: int = 64
+    label_smoothing: float = DEFAULT_SMOOTHING
+    label_mask: str = "all"
+    meta_grade_weight: float = 0.0
     virtual_lr: float = 0.0
     cam_threshold: float = 0.5
     min_overlap: float = 0.2
@@ -169,6 +205,19 @@ class Method:
     fig6_images: int = 2
 
 
+# Section 4.1 "Data Enhancement": random rotation, vertical/horizontal flipping and cropping,
+# nothing else (no zoom, shift, shear or colour change). The ranges are not given; ours: any
+# angle (the field of view is a disc), each flip with probability 1/2, and a square window of
+# 80-100 % of the side at a random position resized back to the input size (the network input
+# stays 1024 x 1024 as section 3.4 says, and evaluation sees whole images).
+PLDMLT_AUGMENT = dataclasses.replace(
+    aug.NO_AUGMENT,
+    flip_horizontal=True,
+    flip_vertical=True,
+    rotation_deg=180.0,
+    crop=0.2,
+)
+
 # The paper's section 3.4: Adam, learning rate 5e-5, 1024 x 1024 x 3 inputs, ImageNet encoder;
 # Algorithm 1: 100 epochs; Fig. 2: five-fold cross-validation. The batch size is not given: 2
 # images of 1024 x 1024 is what a VGG16-UNet trained bilevel fits in the RTX 3090's 24 GB.
@@ -177,8 +226,10 @@ PAPER = Config(
     data=DataConfig(
         image_size=1024,
         batch_size=2,
-        normalization="imagenet_caffe",  # what the ImageNet VGG16 encoder expects
-        augment=True,  # section 4.1: rotations, flips, crops
+        # Without pretrained weights only; with ImageNet weights every network gets the scaling
+        # its weights were trained with (drkeras.models.input_scaling): caffe for VGG16.
+        normalization="imagenet_caffe",
+        augment=True,  # section 4.1: rotations, flips, crops (PLDMLT_AUGMENT)
     ),
     model=ModelConfig(encoder_weights="imagenet", width=1.0),
     optimizers={
@@ -216,7 +267,25 @@ SMOKE = Config(
 
 # ------------------------------------------------------------------------------ paper numbers
 
-SEG_COLUMNS = ("mDice (%)", "mIoU (%)", "lesion mDice (%)")
+# The paper does not define how its mDice / mIoU aggregate: candidate readings side by side,
+# (name, FusedSegmentationScore keys), the paper's pair beside each.
+SEG_READINGS = (
+    ("5-class", "mdice", "miou"),
+    ("lesions", "lesion_mdice", "lesion_miou"),
+    ("binary lesion", "binary_dice", "binary_iou"),
+    ("per-image", "image_mdice", "image_miou"),
+    ("all pixels", "pixel_dice", "pixel_iou"),
+)
+SEG_COLUMNS = tuple(
+    column for name, _, _ in SEG_READINGS for column in (f"mDice {name} (%)", f"mIoU {name} (%)")
+)
+READINGS_NOTE = (
+    "mDice/mIoU readings (the paper does not define them), each beside the paper's pair: "
+    "5-class = mean over background + 4 lesion classes, lesions = mean over the 4 lesion "
+    "classes (both per class pooled over the test images); binary lesion = any lesion vs "
+    "background, pooled; per-image = each class averaged over images, then over the 5 "
+    "classes; all pixels = counts pooled over images and classes (Dice = pixel accuracy)"
+)
 ACCURACY = "Accuracy (%)"
 STAGE1_COLUMNS = (
     "images",
@@ -284,6 +353,17 @@ STAGE_NAMES = {
 # Stage 1's graders, most confident first on ties (section 3.1 names ResNeXt-101 first).
 PSEUDO_GRADERS = {"ResNeXt-101": "resnext101", "ResNeXt-50": "resnext50"}
 EQUAL_WEIGHTS = 1.0  # beta of the ablation rows without "Weight": both tasks weighted [1, 1]
+LABEL_MASKS = ("all", "allowed")  # choices of Method.label_mask (M of Eq. 4)
+# Our VGG16-UNet (Ours, the ablation rows, MTUnet) in the input-scaling table
+# (drkeras.models.input_scaling): keras.applications VGG16 layout and weights.
+VGG16_ENCODER = "vgg16"
+# The Method field naming the encoder of each segmenter row.
+_SEGMENTER_BACKBONE = {
+    "unet": "unet_backbone",
+    "linknet": "linknet_backbone",
+    "deeplabv3plus": "deeplab_backbone",
+    "fpn": "fpn_backbone",
+}
 
 _DATASETS = {
     "idrid": {
@@ -381,19 +461,29 @@ def split_sources(
 
 
 class FusedSegmentationScore:
-    """mDice / mIoU of softmax predictions against the fused lesion mask (Tables 1-3).
+    """Candidate readings of the paper's mDice / mIoU (Tables 1-3) on the fused lesion mask.
 
     Each image's record masks are fused (section 4.1, :func:`fuse_lesion_masks`) into the
     classes ``FUSED_CLASSES`` = background, MA, HE, EX, SE; the prediction is the argmax class.
-    Dice (Eq. 5) and IoU are computed per class from TP/FP/FN pooled over every image
-    (:class:`drkeras.metrics.SegmentationCounter`), over the images where the class is
-    annotated; a class with no pixel in either prediction or ground truth of any image is left
-    out of the means. Results (fractions in [0, 1]):
+    Dice (Eq. 5) and IoU come from :class:`drkeras.metrics.SegmentationCounter` counts, over the
+    images where a class is annotated; a class with no pixel in either prediction or ground
+    truth is left out of a mean. The paper does not say how its mDice / mIoU aggregate, so every
+    candidate is computed (fractions in [0, 1]):
 
-    - ``mdice``, ``miou``: means over all classes, background included (our reading of the
-      paper's mDice/mIoU, see the module docstring);
-    - ``lesion_mdice``, ``lesion_miou``: means over the four lesion classes;
+    - ``mdice``, ``miou``: mean over the 5 classes, background included, each class's counts
+      pooled over the test images;
+    - ``lesion_mdice``, ``lesion_miou``: the same mean over the 4 lesion classes;
+    - ``binary_dice``, ``binary_iou``: one lesion class (any lesion) against background,
+      counts pooled over the images;
+    - ``image_mdice``, ``image_miou``: each class's Dice / IoU per image, averaged over the
+      images (those where the class is annotated and not empty in both), then over the 5
+      classes;
+    - ``pixel_dice``, ``pixel_iou``: counts pooled over images and the 5 classes
+      (:func:`drkeras.metrics.micro_dice_iou`): Dice = pixel accuracy;
     - ``dice``: per-class pooled Dice.
+
+    Only the single-pair readings (binary lesion, all pixels) satisfy ``IoU = Dice / (2 -
+    Dice)`` exactly; the means have ``mIoU`` above it (:func:`drkeras.metrics.iou_of_dice`).
 
     Example::
 
@@ -405,6 +495,7 @@ class FusedSegmentationScore:
     def __init__(self, *, closing_size: int = 0):
         self.closing_size = int(closing_size)
         self._counter = metrics.SegmentationCounter(FUSED_CLASSES, empty_score=np.nan)
+        self._binary = metrics.SegmentationCounter(("lesion",), empty_score=np.nan)
 
     def update(self, seg_probs, masks, mask_present=None) -> None:
         """Add a batch: ``seg_probs [B, H, W, 5]``, record masks ``[B, H, W, 5]``, flags [B, 5]."""
@@ -422,20 +513,35 @@ class FusedSegmentationScore:
         if mask_present is not None:
             present = mtunet.classes_annotated(mask_present, FUSED_CLASS_SET).numpy()
         self._counter.update(pred, target, present=present)
+        # lesion vs background: counted where every lesion type is annotated (a lesion left
+        # unannotated would count as background)
+        binary_present = None if present is None else present[:, 1:].all(axis=1, keepdims=True)
+        self._binary.update(
+            ~pred[..., :1], (target[..., :1] == 0).astype(np.uint8), present=binary_present
+        )
 
     def result(self) -> Dict[str, object]:
-        """``{"mdice", "miou", "lesion_mdice", "lesion_miou", "dice": {class: value}}``."""
+        """The readings listed on the class, and ``"dice": {class: pooled Dice}``."""
         scores = self._counter.result()
         dice = np.array([scores["dice_pooled"][c] for c in FUSED_CLASSES])
         iou = np.array([scores["iou_pooled"][c] for c in FUSED_CLASSES])
-        with np.errstate(invalid="ignore"):
-            return {
-                "mdice": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan"),
-                "miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
-                "lesion_mdice": _nanmean(dice[1:]),
-                "lesion_miou": _nanmean(iou[1:]),
-                "dice": dict(zip(FUSED_CLASSES, dice.tolist())),
-            }
+        image_dice = np.array([scores["dice_per_image"][c] for c in FUSED_CLASSES])
+        image_iou = np.array([scores["iou_per_image"][c] for c in FUSED_CLASSES])
+        binary = self._binary.result()
+        pixel = metrics.micro_dice_iou(self._counter)
+        return {
+            "mdice": _nanmean(dice),
+            "miou": _nanmean(iou),
+            "lesion_mdice": _nanmean(dice[1:]),
+            "lesion_miou": _nanmean(iou[1:]),
+            "binary_dice": float(binary["dice_pooled"]["lesion"]),
+            "binary_iou": float(binary["iou_pooled"]["lesion"]),
+            "image_mdice": _nanmean(image_dice),
+            "image_miou": _nanmean(image_iou),
+            "pixel_dice": pixel["dice"],
+            "pixel_iou": pixel["iou"],
+            "dice": dict(zip(FUSED_CLASSES, dice.tolist())),
+        }
 
 
 def _nanmean(values) -> float:
@@ -525,6 +631,38 @@ class _PseudoLabels:
         )
 
 
+def _paper_cells(pair: Tuple[float, float]) -> Dict[str, float]:
+    """The paper's (mDice, mIoU) beside every reading's columns."""
+    return dict(zip(SEG_COLUMNS, pair * len(SEG_READINGS)))
+
+
+def paper_pairs_note(pairs: Mapping[str, Tuple[float, float]], *, decimals: int) -> str:
+    """Which readings each published (mDice, mIoU) pair is consistent with, as a sentence.
+
+    :func:`drkeras.metrics.dice_iou_relation`: ``mIoU = mDice / (2 - mDice)`` within the
+    rounding of the printed values fits one Dice/IoU pair (binary lesion, all pixels) or a mean
+    of near-equal values; ``mIoU`` above it fits a mean of unequal values (5-class, lesions,
+    per-image, or any reading averaged over the five folds); below it fits none.
+
+    Example::
+
+        paper_pairs_note(PAPER_SEGMENTATION["ddr"], decimals=3)
+        # 'paper pairs with mIoU = mDice/(2 - mDice) (one Dice/IoU pair: ...): UNet, ...'
+    """
+    groups: Dict[str, List[str]] = {"single": [], "mean": [], "none": []}
+    for row, (dice, iou) in pairs.items():
+        groups[metrics.dice_iou_relation(dice, iou, decimals=decimals)].append(row)
+    text = {
+        "single": "with mIoU = mDice/(2 - mDice) (one Dice/IoU pair: binary lesion, all pixels; "
+        "or a mean of near-equal values)",
+        "mean": "with mIoU above mDice/(2 - mDice) (a mean of unequal values: over classes, "
+        "images or the five folds)",
+        "none": "with mIoU below mDice/(2 - mDice) (no reading: no mean lies there)",
+    }
+    parts = [f"{text[k]}: {', '.join(rows)}" for k, rows in groups.items() if rows]
+    return "paper pairs " + "; ".join(parts)
+
+
 class _Tables:
     """The paper's tables for one run, with the paper's numbers as data."""
 
@@ -537,11 +675,7 @@ class _Tables:
             if folds > 1
             else "official train/test split"
         )
-        note = (
-            "mDice/mIoU: mean over the 5 classes of the fused mask, background included "
-            "(Dice/IoU pooled over the test images per class); lesion mDice: the 4 lesion "
-            "classes only"
-        )
+        note = READINGS_NOTE
         self.by_name: Dict[str, ResultsTable] = {}
         for dataset in method.datasets:
             spec = _DATASETS[dataset]
@@ -551,11 +685,11 @@ class _Tables:
             self.by_name[f"table{number}_segmentation"] = ResultsTable(
                 f"table{number}_segmentation",
                 f"Table {number} (lesion segmentation): {pixel_sets[dataset]}, {evaluation}; "
-                f"{note}; {weights}; {summary}",
+                f"{note}; {paper_pairs_note(PAPER_SEGMENTATION[dataset], decimals=3)}; "
+                f"{weights}; {summary}",
                 SEG_COLUMNS,
                 paper={
-                    row: {SEG_COLUMNS[0]: d, SEG_COLUMNS[1]: j}
-                    for row, (d, j) in PAPER_SEGMENTATION[dataset].items()
+                    row: _paper_cells(pair) for row, pair in PAPER_SEGMENTATION[dataset].items()
                 },
                 digits=2,
             )
@@ -573,12 +707,10 @@ class _Tables:
                 "table3_ablation",
                 f"Table 3 (ablation, {pixel_sets['idrid']}): L_S alone; + L_C (fixed pseudo "
                 f"grades, weights [1, 1]); + Upd-Net (bilevel label update, [1, 1]); + Weight "
-                f"([1, {method.beta_idrid:g}], the Ours run of Table 1); {note}; {summary}",
+                f"([1, {method.beta_idrid:g}], the Ours run of Table 1); {note}; "
+                f"{paper_pairs_note(PAPER_ABLATION, decimals=2)}; {summary}",
                 SEG_COLUMNS,
-                paper={
-                    row: {SEG_COLUMNS[0]: d, SEG_COLUMNS[1]: j}
-                    for row, (d, j) in PAPER_ABLATION.items()
-                },
+                paper={row: _paper_cells(pair) for row, pair in PAPER_ABLATION.items()},
                 digits=2,
             )
         self.by_name["stage1_pseudo_grades"] = ResultsTable(
@@ -592,7 +724,7 @@ class _Tables:
         )
 
     def add_segmentation(self, table: str, row: str, scores: Mapping) -> None:
-        values = (scores["mdice"], scores["miou"], scores["lesion_mdice"])
+        values = [scores[key] for _, dice, iou in SEG_READINGS for key in (dice, iou)]
         for column, value in zip(SEG_COLUMNS, values):
             self.by_name[table].add(row, column, 100.0 * value)
 
@@ -631,12 +763,42 @@ class _Run:
             raise ValueError(
                 f"method.nasnet={self.method.nasnet!r}: expected nasnet_large or nasnet_mobile"
             )
+        if self.method.label_mask not in LABEL_MASKS:
+            raise ValueError(
+                f"method.label_mask={self.method.label_mask!r}: expected one of {LABEL_MASKS}"
+            )
+        if not 0.0 < self.method.label_smoothing < 1.0:
+            raise ValueError(
+                f"method.label_smoothing={self.method.label_smoothing}: expected a value in (0, 1)"
+            )
+        for field in _SEGMENTER_BACKBONE.values():
+            try:
+                self._scaling(getattr(self.method, field))
+            except ValueError as err:
+                raise ValueError(f"method.{field}: {err}") from None
 
-    def _preprocess(self) -> dict:
+    def _scaling(self, network: str) -> str:
+        """The input scaling of ``network``: what its ImageNet weights were trained with when
+        ``model.encoder_weights=imagenet``, ``data.normalization`` otherwise
+        (:func:`drkeras.models.input_scaling.input_scaling`, shared with MTUnet)."""
+        return input_scaling(
+            network,
+            encoder_weights=self.config.model.encoder_weights,
+            default=self.data.normalization,
+        )
+
+    def _row_network(self, row: str) -> str:
+        """The network (encoder) of a pixel-level row, as named in the input-scaling table."""
+        if row in SEGMENTER_ROWS:
+            return getattr(self.method, _SEGMENTER_BACKBONE[SEGMENTER_ROWS[row]])
+        return VGG16_ENCODER
+
+    def _preprocess(self, mode: str) -> dict:
+        """Pipeline (and export) options of a network whose input scaling is ``mode``."""
         return {
             "fov_crop": self.data.fov_crop,
             "graham": self.data.graham,
-            "normalization": self.data.normalization,
+            "normalization": mode,
         }
 
     def _steps(self, count: int) -> int:
@@ -716,13 +878,13 @@ class _Run:
         return self._datasets[key]
 
     def _seg_eval_data(
-        self, source: SegSource, batch_size: int = 0, *, cache: bool = True
+        self, source: SegSource, batch_size: int = 0, *, mode: str, cache: bool = True
     ) -> tf.data.Dataset:
-        """Batches ``(image, {masks, mask_present})`` of a source in ``source.ids`` order
-        (``cache``: keep the decoded images in memory for the next pass)."""
+        """Batches ``(image, {masks, mask_present})`` of a source in ``source.ids`` order, the
+        images scaled by ``mode`` (``cache``: keep the decoded images in memory)."""
         batch_size = batch_size or self.batch
         return self._dataset(
-            ("segmentation", source, batch_size, cache),
+            ("segmentation", source, batch_size, cache, mode),
             lambda: pipeline.segmentation_dataset(
                 source.records_dir,
                 source.split,
@@ -733,11 +895,13 @@ class _Run:
                 augment=False,
                 cache=cache,
                 seed=self.config.seed,
-                **self._preprocess(),
+                **self._preprocess(mode),
             ),
         )
 
-    def _train_stream(self, sources: Sequence[SegSource], labels: _PseudoLabels, seed: int):
+    def _train_stream(
+        self, sources: Sequence[SegSource], labels: _PseudoLabels, seed: int, mode: str
+    ):
         """Augmented, shuffled, repeating batches ``((image, targets), (grade, allowed))``.
 
         The pipeline yields each source's images in ``source.ids`` order (no shuffling inside),
@@ -752,10 +916,11 @@ class _Run:
                 size=self.size,
                 batch_size=1,
                 augment=self.data.augment,
+                augment_params=PLDMLT_AUGMENT,
                 shuffle=False,
                 repeat=True,
                 seed=seed,
-                **self._preprocess(),
+                **self._preprocess(mode),
             ).unbatch()
             grades, allowed = labels.arrays(source.ids)
             side = tf.data.Dataset.from_tensor_slices((grades, allowed)).repeat()
@@ -770,7 +935,9 @@ class _Run:
             )
         return ds.shuffle(max(count, 1), seed=seed).batch(self.batch, drop_remainder=True)
 
-    def _train_data(self, sources: Sequence[SegSource], labels: _PseudoLabels, kind: str, seed):
+    def _train_data(
+        self, sources: Sequence[SegSource], labels: _PseudoLabels, kind: str, seed, mode: str
+    ):
         """The training stream of the pixel-level images shaped for one kind of model.
 
         ``kind``: ``segmentation`` (``(image, {seg_probs})``), ``mtunet`` (plus the integer
@@ -778,8 +945,8 @@ class _Run:
         (:func:`make_training_pair`). Returns ``(dataset, number of images)``.
         """
         stream = self._dataset(
-            ("train", tuple(sources), id(labels), seed),
-            lambda: self._train_stream(sources, labels, seed),
+            ("train", tuple(sources), id(labels), seed, mode),
+            lambda: self._train_stream(sources, labels, seed, mode),
         )
         closing = self.method.closing_size
         num_grades = self.config.model.num_grades
@@ -788,8 +955,10 @@ class _Run:
             (image, targets), (grade, allowed) = pair, side
             masks = targets[keys.MASKS]
             if kind == "bilevel":
+                # M of Eq. 4: every grade (None) or the stage-1 allowed grades (method.label_mask)
+                grade_mask = allowed if self.method.label_mask == "allowed" else None
                 return make_training_pair(
-                    image, masks, grade, allowed, num_grades=num_grades, closing_size=closing
+                    image, masks, grade, grade_mask, num_grades=num_grades, closing_size=closing
                 )
             seg = fuse_lesion_masks(masks, closing_size=closing, one_hot=True)
             if kind == "segmentation":
@@ -815,9 +984,9 @@ class _Run:
             )
         return count
 
-    def _grading_data(self, records_dir, split: str, *, training: bool, seed: int = 0):
-        """Graded images: augmented repeating ``(image, {grade_probs: grade})`` batches for
-        training, or one pass of ``(image, grade)`` for testing."""
+    def _grading_data(self, records_dir, split: str, *, training: bool, mode: str, seed: int = 0):
+        """Graded images scaled by ``mode``: augmented repeating ``(image, {grade_probs:
+        grade})`` batches for training, or one pass of ``(image, grade)`` for testing."""
 
         def build():
             ds = pipeline.grading_dataset(
@@ -827,31 +996,34 @@ class _Run:
                 batch_size=self.batch,
                 num_classes=self.config.model.num_grades,
                 augment=self.data.augment and training,
+                augment_params=PLDMLT_AUGMENT,
                 shuffle=training,
                 repeat=training,
                 seed=seed,
                 max_examples=self.data.max_examples,
-                **self._preprocess(),
+                **self._preprocess(mode),
             )
             if training:
                 ds = ds.map(lambda image, grade: (image, {keys.GRADE_PROBS: grade}))
             return ds
 
-        return self._dataset(("grading", str(records_dir), split, training, seed), build)
+        return self._dataset(("grading", str(records_dir), split, training, seed, mode), build)
 
     # -------------------------------------------------------------------------- evaluation
 
-    def _evaluate_segmentation(self, model, sources: Sequence[SegSource]) -> Dict[str, object]:
+    def _evaluate_segmentation(
+        self, model, sources: Sequence[SegSource], mode: str
+    ) -> Dict[str, object]:
         score = FusedSegmentationScore(closing_size=self.method.closing_size)
         for source in sources:
-            for image, targets in self._seg_eval_data(source):
+            for image, targets in self._seg_eval_data(source, mode=mode):
                 probs = self._outputs(model, image)[keys.SEG_PROBS]
                 score.update(probs, targets[keys.MASKS], targets[keys.MASK_PRESENT])
         return score.result()
 
-    def _evaluate_grading(self, model, records_dir, split: str = "test") -> float:
+    def _evaluate_grading(self, model, records_dir, mode: str, split: str = "test") -> float:
         truth, probs = [], []
-        for image, grade in self._grading_data(records_dir, split, training=False):
+        for image, grade in self._grading_data(records_dir, split, training=False, mode=mode):
             probs.append(self._outputs(model, image)[keys.GRADE_PROBS])
             truth.append(grade.numpy())
         return metrics.accuracy(np.concatenate(truth), np.concatenate(probs))
@@ -936,6 +1108,7 @@ class _Run:
                 num_grades=self.config.model.num_grades,
                 widths=self.method.label_widths,
                 hidden=self.method.label_hidden,
+                smoothing=self.method.label_smoothing,
             ),
         )
 
@@ -952,7 +1125,9 @@ class _Run:
                 loss={keys.GRADE_PROBS: keras.losses.SparseCategoricalCrossentropy()},
                 run_eagerly=self.method.run_eagerly,
             )
-        data = self._grading_data(records_dir, "train", training=True, seed=seed)
+        data = self._grading_data(
+            records_dir, "train", training=True, mode=self._scaling(arch), seed=seed
+        )
         self._fit(model, data, stage, self._grading_count(records_dir, "train"))
         return model
 
@@ -1007,26 +1182,29 @@ class _Run:
                     grade_loss=self._focal(),
                     beta=beta if row == "Ours" else EQUAL_WEIGHTS,
                     virtual_lr=self.method.virtual_lr or None,
+                    meta_grade_weight=self.method.meta_grade_weight,
                     run_eagerly=eager,
                 )
             trained = network
         else:
             raise ValueError(f"unknown table row {row!r}")
-        data, count = self._train_data(sources, labels, kind, seed)
+        mode = self._scaling(self._row_network(row))  # each network its own input scaling
+        data, count = self._train_data(sources, labels, kind, seed, mode)
         self._fit(model, data, stage, count)
         return trained
 
     # -------------------------------------------------------------------------- stage 1
 
-    def _pixel_chunks(self, sources: Sequence[SegSource]):
-        """``(ids, images, masks, mask_present)`` of every source, ``method.stage1_chunk``
-        images at a time (chunks span sources: each chunk costs fixed work in stage 1)."""
+    def _pixel_chunks(self, sources: Sequence[SegSource], mode: str):
+        """``(ids, images, masks, mask_present)`` of every source, images scaled by ``mode``,
+        ``method.stage1_chunk`` at a time (chunks span sources: each chunk costs fixed work in
+        stage 1)."""
         chunk = self.method.stage1_chunk
         buffer = []
         for source in sources:
             ids = list(source.ids)
             offset = 0
-            for image, targets in self._seg_eval_data(source, chunk, cache=False):
+            for image, targets in self._seg_eval_data(source, chunk, mode=mode, cache=False):
                 count = int(image.shape[0])
                 buffer.append(
                     (
@@ -1064,10 +1242,17 @@ class _Run:
         changed = 0
         shown = []  # the Fig. 6 candidates: dicts with the most lesion kinds first
         models = [graders[row] for row in PSEUDO_GRADERS]
+        modes = {self._scaling(arch) for arch in PSEUDO_GRADERS.values()}
+        if len(modes) != 1:  # both graders see the same image batch
+            raise ValueError(
+                f"the stage-1 graders {list(PSEUDO_GRADERS.values())} expect different input "
+                f"scalings {sorted(modes)}; they must share one"
+            )
+        mode = modes.pop()
         previous = tf.config.functions_run_eagerly()
         tf.config.run_functions_eagerly(self.method.run_eagerly)
         try:
-            for ids, images, masks, present in self._pixel_chunks(sources):
+            for ids, images, masks, present in self._pixel_chunks(sources, mode):
                 result = generate_pseudo_grades(
                     models,
                     images,
@@ -1111,10 +1296,10 @@ class _Run:
             )
         log.info(message)
         if figure and shown:
-            self._fig6(shown, truth)
+            self._fig6(shown, truth, mode)
         return labels
 
-    def _fig6(self, shown: Sequence[dict], truth) -> None:
+    def _fig6(self, shown: Sequence[dict], truth, mode: str) -> None:
         notes, titles = [], []
         for entry in shown:
             notes.append(
@@ -1131,7 +1316,7 @@ class _Run:
             if truth and entry["id"] in truth:
                 title += f", true {truth[entry['id']]}"
             titles.append(title)
-        images = np.stack([self._display(entry["image"]) for entry in shown])
+        images = np.stack([self._display(entry["image"], mode) for entry in shown])
         plot_class_cams(
             images,
             fuse_lesion_masks(np.stack([entry["masks"] for entry in shown])).numpy(),
@@ -1142,19 +1327,20 @@ class _Run:
             row_titles=titles,
         )
 
-    def _display(self, image) -> np.ndarray:
-        """A network input back as uint8 RGB for figures."""
-        shown = preprocess.denormalize(image, self.data.normalization).numpy()
+    def _display(self, image, mode: str) -> np.ndarray:
+        """A network input scaled by ``mode`` back as uint8 RGB for figures."""
+        shown = preprocess.denormalize(image, mode).numpy()
         return np.clip(shown, 0, 255).astype(np.uint8)
 
     # -------------------------------------------------------------------------- outputs
 
     def _export_and_overlays(self, network: keras.Model, test_sources) -> None:
+        mode = self._scaling(self._row_network("Ours"))
         path = export_model(
             network,
             self.ctx.export_dir / "pldmlt",
             image_size=self.size,
-            preprocess=self._preprocess(),
+            preprocess=self._preprocess(mode),
             output_names=[keys.GRADE_PROBS, keys.SEG_PROBS],
             channels={keys.SEG_PROBS: mtunet.CLASS_SETS[FUSED_CLASS_SET]},
         )
@@ -1162,7 +1348,7 @@ class _Run:
         drawn = 0
         for source in test_sources:
             offset = 0
-            for image, targets in self._seg_eval_data(source):
+            for image, targets in self._seg_eval_data(source, mode=mode):
                 probs = self._outputs(network, image)[keys.SEG_PROBS]
                 target = fuse_lesion_masks(
                     targets[keys.MASKS], closing_size=self.method.closing_size, one_hot=True
@@ -1174,7 +1360,7 @@ class _Run:
                         return
                     example_id = source.ids[offset + k]
                     plot_mask_overlay(
-                        self._display(image[k]),
+                        self._display(image[k], mode),
                         pred[k, ..., 1:],
                         target[k, ..., 1:],
                         self.ctx.out_dir / f"overlay_{example_id.rsplit('-', 1)[-1]}.png",
@@ -1226,13 +1412,14 @@ class _Run:
         graders = {}
         for row, arch in PSEUDO_GRADERS.items():
             graders[row] = self.train_grader(arch, grading_dir, f"{tag}_{arch}", seed)
-            accuracy = self._evaluate_grading(graders[row], grading_dir)
+            accuracy = self._evaluate_grading(graders[row], grading_dir, self._scaling(arch))
             self.tables.add_accuracy(grading_table, row, accuracy)
         figure = first and dataset == self.method.datasets[0]
         labels = self.stage1(dataset, sources, graders, truth if first else None, figure)
         for row, arch in (("NASNet", self.method.nasnet), ("DenseNet-201", "densenet201")):
             model = self.train_grader(arch, grading_dir, f"{tag}_{arch}", seed)
-            self.tables.add_accuracy(grading_table, row, self._evaluate_grading(model, grading_dir))
+            accuracy = self._evaluate_grading(model, grading_dir, self._scaling(arch))
+            self.tables.add_accuracy(grading_table, row, accuracy)
 
         exported = False
         rows = list(SEGMENTER_ROWS) + ["MTUnet"]
@@ -1253,7 +1440,8 @@ class _Run:
             for row in rows:
                 stage = f"{fold_tag}_{STAGE_NAMES[row]}"
                 network = self.train_pixel_model(row, train_sources, labels, stage, seed, beta)
-                scores = self._evaluate_segmentation(network, test_sources)
+                mode = self._scaling(self._row_network(row))
+                scores = self._evaluate_segmentation(network, test_sources, mode)
                 if row in PAPER_SEGMENTATION[dataset]:
                     self.tables.add_segmentation(seg_table, row, scores)
                 if row in PAPER_ABLATION:
@@ -1261,7 +1449,7 @@ class _Run:
                 if row == "Ours" and dataset == "idrid":
                     self.tables.add_segmentation("table3_ablation", "+ Weight", scores)
                 if row in ("MTUnet", "Ours"):
-                    accuracy = self._evaluate_grading(network, grading_dir)
+                    accuracy = self._evaluate_grading(network, grading_dir, mode)
                     self.tables.add_accuracy(grading_table, row, accuracy)
                 if row == "Ours" and export and not exported and self.ctx.is_chief:
                     self._export_and_overlays(network, test_sources)

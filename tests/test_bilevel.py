@@ -156,6 +156,16 @@ def _batch(n=4, seed=0, dtype=np.float32):
     return x, tf.cast(y, dtype)
 
 
+def _random_correction(label_net, seed=0):
+    """Give the label network's zero-initialised last layer random values, so that every one of
+    its variables has a gradient from the first step (the tests of the meta-gradient's
+    mechanics; a fresh network only moves its last layer in its first step)."""
+    rng = np.random.default_rng(seed)
+    for var in label_net.get_layer("label_correction").trainable_variables:
+        var.assign(rng.normal(0.0, 0.5, var.shape).astype(var.dtype.as_numpy_dtype))
+    return label_net
+
+
 def _trainer(multitask=None, *, dtype="float32", model_lr=0.1, label_lr=0.1, **compile_kwargs):
     multitask = multitask or _tiny_multitask(dtype)
     previous = keras.backend.floatx()
@@ -164,6 +174,7 @@ def _trainer(multitask=None, *, dtype="float32", model_lr=0.1, label_lr=0.1, **c
         label_net = build_label_update_net(input_shape=(SIZE, SIZE, 3), widths=(4,), hidden=6)
     finally:
         keras.backend.set_floatx(previous)
+    _random_correction(label_net)
     trainer = BilevelMultiTaskTrainer(multitask, label_net)
     compile_kwargs.setdefault("virtual_lr", 0.5)
     trainer.compile(
@@ -312,7 +323,12 @@ def test_fresh_evaluation_loss_goes_down_on_vgg16_unet():
     result = trainer.bilevel_gradients((x, y))
     grads = result["model_grads"] + result["label_grads"]
     assert len(grads) == len(trainer.trainable_variables)
-    assert all(float(tf.reduce_max(tf.abs(g))) > 0.0 for g in grads)
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0.0 for g in result["model_grads"])
+    # A fresh label network is the stage-1 label plus a zero-initialised correction: in the
+    # first step only the correction's last layer has a gradient.
+    head = {id(v) for v in label_net.get_layer("label_correction").trainable_variables}
+    for var, g in zip(label_net.trainable_variables, result["label_grads"]):
+        assert (float(tf.reduce_max(tf.abs(g))) > 0.0) == (id(var) in head), var.name
     before = trainer.evaluate(ds, verbose=0, return_dict=True)
     assert set(before) == {"loss", "seg_loss", "grade_loss"}
     trainer.fit(ds.repeat(20), epochs=1, verbose=0)

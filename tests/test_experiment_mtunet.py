@@ -123,18 +123,42 @@ def test_lesion_group_dice_matches_sklearn_f1_on_random_maps():
         mtunet.lesion_group_dice(pred, true[:2])
 
 
-def test_input_scaling_follows_the_pretrained_weights():
-    def scaling(name):
-        return mtunet.input_scaling(name, encoder_weights="imagenet", default="unit")
+def test_each_network_gets_the_shared_tables_input_scaling(tmp_path):
+    import types
 
-    assert scaling("mtunet") == scaling("vgg16") == "imagenet_caffe"
-    assert scaling("resnext101") == scaling("resnet18") == mtunet.RAW
-    assert scaling("resnet50v2") == scaling("nasnet_large") == "symmetric"
-    assert scaling("inception_resnet_v2") == "symmetric"
-    assert scaling("densenet201") == "imagenet_torch"
-    assert mtunet.input_scaling("resnext101", encoder_weights=None, default="unit") == "unit"
-    with pytest.raises(ValueError, match="no ImageNet input scaling known for 'alexnet'"):
-        scaling("alexnet")
+    from drkeras.models.input_scaling import input_scaling
+
+    config = resolve_preset(mtunet.MTUnetExperiment.presets, "paper")
+    run = mtunet._Run(types.SimpleNamespace(config=config, out_dir=tmp_path))
+    assert run._input_mode(mtunet.VGG16_ENCODER) == "imagenet_caffe"
+    # DeepLab's keras-cv ResNet50V2 expects [0, 1]; the table is keyed by the backbone itself
+    assert run.segmenter_family("deeplabv3plus") == config.method.deeplab_backbone
+    assert run._input_mode(run.segmenter_family("deeplabv3plus")) == "unit"
+    assert run._input_mode(run.segmenter_family("unet")) == "imagenet_caffe"  # vgg16 encoder
+    scalings = {name: run._input_mode(name) for name in config.method.graders}
+    assert scalings == {
+        "nasnet_large": "symmetric",
+        "densenet201": "imagenet_torch",
+        "resnext101": "raw",
+        "inception_resnet_v2": "symmetric",
+    }
+    for name, mode in scalings.items():  # the one table PLDMLT and the exports use
+        assert mode == input_scaling(name, encoder_weights="imagenet", default="unit")
+    smoke = resolve_preset(mtunet.MTUnetExperiment.presets, "smoke")
+    run = mtunet._Run(types.SimpleNamespace(config=smoke, out_dir=tmp_path))
+    assert run._input_mode("resnext50") == smoke.data.normalization  # no weights: the default
+
+
+def test_augmentation_is_the_papers_list_with_keras_imagedatagenerator_conventions():
+    params = mtunet.MTUNET_AUGMENT
+    named = ("rotation_deg", "shift", "shear_deg", "zoom", "channel_shift")
+    assert all(getattr(params, name) > 0 for name in named)
+    assert params.flip_horizontal and params.flip_vertical
+    for name in ("brightness", "contrast", "saturation", "hue", "crop"):
+        assert getattr(params, name) == 0, name
+    assert not params.rotate90
+    # Keras: one channel-shift intensity for all channels, zx and zy apart, fill "nearest"
+    assert params.channel_shift_shared and params.zoom_per_axis and params.fill == "nearest"
 
 
 # --- presets -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from experiments.pldmlt import (
     PAPER_ACCURACY,
     PAPER_SEGMENTATION,
     PLDMLT,
+    SEG_READINGS,
     FusedSegmentationScore,
     SegSource,
     main,
@@ -183,29 +184,31 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
     rows = _results(out / "results.csv")
     cells = {(r["table"], r["row"], r["column"]): r for r in rows}
     expected = []
+    # every mDice/mIoU reading side by side, each beside the paper's pair
+    readings = [(f"mDice {name} (%)", f"mIoU {name} (%)") for name, _, _ in SEG_READINGS]
     for number, dataset in ((1, "idrid"), (2, "ddr")):
         for row, (dice, iou) in PAPER_SEGMENTATION[dataset].items():
-            expected += [
-                (f"table{number}_segmentation", row, "mDice (%)", dice),
-                (f"table{number}_segmentation", row, "mIoU (%)", iou),
-            ]
+            for dice_column, iou_column in readings:
+                expected += [
+                    (f"table{number}_segmentation", row, dice_column, dice),
+                    (f"table{number}_segmentation", row, iou_column, iou),
+                ]
         for row, accuracy in PAPER_ACCURACY[dataset].items():
             expected.append((f"table{number}_grading", row, "Accuracy (%)", accuracy))
     for row, (dice, iou) in PAPER_ABLATION.items():
-        expected += [
-            ("table3_ablation", row, "mDice (%)", dice),
-            ("table3_ablation", row, "mIoU (%)", iou),
-        ]
+        for dice_column, iou_column in readings:
+            expected += [
+                ("table3_ablation", row, dice_column, dice),
+                ("table3_ablation", row, iou_column, iou),
+            ]
     for table, row, column, paper in expected:
         cell = cells[(table, row, column)]
         assert float(cell["paper"]) == pytest.approx(paper)
         assert 0.0 <= float(cell["ours_mean"]) <= 100.0, (table, row, column)
-    for table, row in (("table1_segmentation", "Ours"), ("table2_segmentation", "UNet")):
-        assert 0.0 <= float(cells[(table, row, "lesion mDice (%)")]["ours_mean"]) <= 100.0
     # Table 3's "+ Weight" is the Ours run of Table 1.
     assert (
-        cells[("table3_ablation", "+ Weight", "mDice (%)")]["ours_mean"]
-        == cells[("table1_segmentation", "Ours", "mDice (%)")]["ours_mean"]
+        cells[("table3_ablation", "+ Weight", "mDice 5-class (%)")]["ours_mean"]
+        == cells[("table1_segmentation", "Ours", "mDice 5-class (%)")]["ours_mean"]
     )
     # Stage 1 on synthetic IDRiD-S: 6 images (4 train + 2 test), true grades known.
     assert float(cells[("stage1_pseudo_grades", "IDRiD-S", "images")]["ours_mean"]) == 6
@@ -218,7 +221,8 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
 
     markdown = (out / "results.md").read_text()
     assert "DiaRetDB1 not used: it has no synthetic layout" in markdown
-    assert "background included" in markdown
+    assert "the paper does not define them" in markdown
+    assert "(no reading: no mean lies there): FPN" in markdown  # IDRiD's FPN pair
 
     exported = load_exported(out / "export" / "pldmlt")
     images = np.random.default_rng(0).integers(0, 255, size=(2, 40, 48, 3), dtype=np.uint8)
@@ -275,3 +279,141 @@ def test_stage1_chunks_span_sources_in_order():
     assert masks.shape == (5, 1, 1) and present.shape == (5,)
     assert len(buffer) == 1 and buffer[0][0] == ["id5", "id6"]
     np.testing.assert_array_equal(buffer[0][1][:, 0], [5, 6])
+
+
+# --- input scaling (issue 16 item 1) -------------------------------------------------------------
+
+
+def _tiny_multitask(size):
+    image = keras.Input((size, size, 3), name=keys.IMAGE)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(image)
+    seg = keras.layers.Conv2D(5, 1, activation="softmax", name=keys.SEG_PROBS)(x)
+    outputs = blocks.grading_head(x, num_grades=5, pooling="avg", dropout=0.0)
+    outputs[keys.SEG_PROBS] = seg
+    return keras.Model(image, outputs, name="tiny")
+
+
+def _offline_paper_run(tmp_path, monkeypatch, size=32):
+    """The paper preset's ``_Run`` (ImageNet weights) with tiny models, no training and fake
+    pipelines recording what the experiment asks of them: ``(run, seen, calls, exported)``,
+    ``seen`` as ``(pipeline, normalization)``, ``calls`` the keyword arguments."""
+    import types
+
+    import tensorflow as tf
+
+    config = resolve_preset(PLDMLT.presets, "paper", [f"data.image_size={size}"])
+    assert config.model.encoder_weights == "imagenet"
+    ctx = types.SimpleNamespace(
+        config=config,
+        strategy=tf.distribute.get_strategy(),
+        export_dir=tmp_path,
+        out_dir=tmp_path,
+        is_chief=True,
+    )
+    run = pldmlt_experiment._Run(ctx)
+    seen, calls = [], []  # (pipeline, normalization) and the arguments of every dataset built
+
+    def fake_segmentation(records_dir, split, *, ids, normalization, repeat=False, **kwargs):
+        seen.append(("segmentation", normalization))
+        calls.append(dict(kwargs, pipeline="segmentation", repeat=repeat))
+        n = len(ids)
+        element = (
+            tf.zeros([n, size, size, 3]),
+            {keys.MASKS: tf.zeros([n, size, size, 5]), keys.MASK_PRESENT: tf.ones([n, 5])},
+        )
+        ds = tf.data.Dataset.from_tensors(element)
+        return ds.repeat() if repeat else ds
+
+    def fake_grading(records_dir, split, *, batch_size, normalization, **kwargs):
+        seen.append(("grading", normalization))
+        calls.append(dict(kwargs, pipeline="grading"))
+        return tf.data.Dataset.from_tensors((tf.zeros([batch_size, size, size, 3]), [0]))
+
+    exported = {}
+    monkeypatch.setattr(pldmlt_experiment.pipeline, "segmentation_dataset", fake_segmentation)
+    monkeypatch.setattr(pldmlt_experiment.pipeline, "grading_dataset", fake_grading)
+    monkeypatch.setattr(pldmlt_experiment, "export_model", lambda *a, **k: exported.update(k))
+    monkeypatch.setattr(run, "_model", lambda key, seed, build: _tiny_multitask(size))
+    monkeypatch.setattr(run, "_fit", lambda *args: None)
+    monkeypatch.setattr(run, "_grading_count", lambda *args: 4)
+    return run, seen, calls, exported
+
+
+def _pseudo_labels(ids):
+    labels = pldmlt_experiment._PseudoLabels()
+    n = len(ids)
+    labels.add(ids, {"grades": [1] * n, "initial_grades": [1] * n, "allowed": np.ones((n, 5))})
+    return labels
+
+
+def test_each_network_gets_the_input_scaling_of_its_imagenet_weights(tmp_path, monkeypatch):
+    from drkeras.models.input_scaling import IMAGENET_SCALING
+
+    size = 32
+    run, seen, _, exported = _offline_paper_run(tmp_path, monkeypatch, size)
+
+    # the graders: stage 1's ResNeXts (image-classifiers, raw 0-255), NASNet, DenseNet-201
+    expected = {
+        "resnext101": "raw",
+        "resnext50": "raw",
+        "nasnet_large": "symmetric",
+        "densenet201": "imagenet_torch",
+    }
+    for arch, mode in expected.items():
+        seen.clear()
+        run._datasets.clear()  # pipelines are shared between networks of one scaling
+        run.train_grader(arch, tmp_path, f"stage_{arch}", seed=0)
+        assert seen == [("grading", mode)], arch
+        assert mode == IMAGENET_SCALING[arch]
+
+    # the pixel-level rows: VGG16 (caffe) for ours and the VGG16-UNets, each segmenter its encoder's
+    source = SegSource(tmp_path, "train", ("a", "b"))
+    labels = _pseudo_labels(["a", "b"])
+    rows = {
+        "UNet": "imagenet_caffe",  # vgg16
+        "LinkNet": "raw",  # resnet18 (image-classifiers)
+        "FPN": "raw",  # resnet50
+        "DeepLabv3+": "unit",  # keras-cv ResNet50V2
+        "MTUnet": "imagenet_caffe",
+        "L_S": "imagenet_caffe",
+    }
+    for row, mode in rows.items():
+        seen.clear()
+        run._datasets.clear()
+        run.train_pixel_model(row, [source], labels, f"stage_{row}", seed=0, beta=0.8)
+        assert seen == [("segmentation", mode)], row
+    assert len({mode for mode in rows.values()}) == 3  # not one scaling for every network
+
+    # the export of Ours serves the VGG16 scaling it was trained with, not ResNeXt's
+    run._export_and_overlays(_tiny_multitask(size), [])
+    assert exported["preprocess"]["normalization"] == "imagenet_caffe"
+    assert exported["preprocess"]["normalization"] != expected["resnext101"]
+
+    # evaluation: stage 1 reads the pixel-level images with the graders' scaling
+    seen.clear()
+    run._datasets.clear()
+    next(run._pixel_chunks([source], run._scaling("resnext101")))
+    assert seen == [("segmentation", "raw")]
+
+
+# --- augmentation (issue 16 item 6) ----------------------------------------------------------
+
+
+def test_augmentation_is_section_4_1s_rotation_flips_and_cropping(tmp_path, monkeypatch):
+    params = pldmlt_experiment.PLDMLT_AUGMENT
+    assert params.flip_horizontal and params.flip_vertical
+    assert params.rotation_deg > 0 and 0 < params.crop < 1
+    # nothing the paper does not name: no zoom, shift, shear, colour
+    for name in ("zoom", "shift", "shear_deg", "brightness", "contrast", "saturation", "hue"):
+        assert getattr(params, name) == 0, name
+    assert params.channel_shift == 0 and not params.rotate90
+    # every training pipeline of the experiment draws from it; evaluation is not augmented
+    run, _, calls, _ = _offline_paper_run(tmp_path, monkeypatch)
+    run.train_grader("resnext50", tmp_path, "grader", seed=0)
+    source = SegSource(tmp_path, "train", ("a",))
+    run.train_pixel_model("L_S", [source], _pseudo_labels(["a"]), "ls", seed=0, beta=0.8)
+    run._evaluate_segmentation(_tiny_multitask(32), [source], "imagenet_caffe")
+    training = [c for c in calls if c["augment"]]
+    assert {c["pipeline"] for c in training} == {"grading", "segmentation"}
+    assert all(c["augment_params"] == params for c in training)
+    assert any(not c["augment"] for c in calls if c["pipeline"] == "segmentation")

@@ -42,6 +42,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -51,6 +52,7 @@ import tensorflow as tf
 
 __all__ = [
     "DEFAULT_AUGMENT",
+    "FILL_MODES",
     "NO_AUGMENT",
     "AugmentParams",
     "apply_transform",
@@ -65,6 +67,9 @@ __all__ = [
 _FLIP_H, _FLIP_V, _ROT90, _ANGLE, _ZOOM, _SHIFT, _SHEAR = range(7)
 _BRIGHT, _CONTRAST, _SAT, _HUE, _CHANNEL, _GEOMETRY, _COLOUR, _CROP = range(7, 15)
 _N_SEEDS = 15
+
+
+FILL_MODES = ("constant", "nearest")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +89,20 @@ class AugmentParams:
         contrast: contrast factor in [1 - contrast, 1 + contrast] around the image mean.
         saturation: chroma factor in [1 - saturation, 1 + saturation].
         hue: hue rotation in [-hue, hue] turns of the colour circle.
-        channel_shift: per-channel offset in [-channel_shift, channel_shift] on the 0-255 scale
-            (Keras ``ImageDataGenerator(channel_shift_range=...)``).
+        channel_shift: offset in [-channel_shift, channel_shift] on the 0-255 scale, drawn per
+            channel (a colour cast), or once for all channels with ``channel_shift_shared``.
+        channel_shift_shared: Keras ``ImageDataGenerator(channel_shift_range=...)``'s channel
+            shift: ONE offset added to every channel, the result clipped to the image's own
+            [min, max] (``keras.preprocessing.image.apply_channel_shift``).
+        zoom_per_axis: draw the zoom of x and y independently, each in [1 - zoom, 1 + zoom]
+            (Keras ``ImageDataGenerator(zoom_range=...)``); False: one isotropic zoom.
+        fill: what the resampling puts where the source ends: ``"constant"`` (0, the black
+            surround of a fundus photograph) or ``"nearest"`` (the nearest edge pixel, Keras
+            ``ImageDataGenerator``'s default ``fill_mode``); images and masks alike.
+        crop: random cropping: a square window of side drawn in [1 - crop, 1] times the image
+            side (aspect kept), at a uniformly drawn position inside the image, resized back to
+            the full size, so the network input size is unchanged and no border is shown. Part
+            of the one affine draw, applied before the other geometric transforms.
 
     Example::
 
@@ -105,6 +122,10 @@ class AugmentParams:
     saturation: float = 0.1
     hue: float = 0.02
     channel_shift: float = 0.0
+    channel_shift_shared: bool = False
+    zoom_per_axis: bool = False
+    fill: str = "constant"
+    crop: float = 0.0
 
     def __post_init__(self):
         for name in (
@@ -117,6 +138,7 @@ class AugmentParams:
             "saturation",
             "hue",
             "channel_shift",
+            "crop",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"AugmentParams.{name} must be >= 0, got {getattr(self, name)}")
@@ -124,6 +146,12 @@ class AugmentParams:
             raise ValueError("AugmentParams zoom/brightness/contrast/saturation must be < 1")
         if self.hue > 0.5:
             raise ValueError(f"AugmentParams.hue must be <= 0.5, got {self.hue}")
+        if self.crop >= 1:
+            raise ValueError(
+                f"AugmentParams.crop must be < 1 (window side 1 - crop), got {self.crop}"
+            )
+        if self.fill not in FILL_MODES:
+            raise ValueError(f"AugmentParams.fill must be one of {FILL_MODES}, got {self.fill!r}")
 
 
 DEFAULT_AUGMENT = AugmentParams()
@@ -188,6 +216,10 @@ def sample_transform(seed, height, width, params: AugmentParams = DEFAULT_AUGMEN
         r = math.radians(params.rotation_deg)
         angle += _uniform(s[_ANGLE], -r, r)
     zoom = _uniform(s[_ZOOM], 1.0 - params.zoom, 1.0 + params.zoom) if params.zoom else one
+    zoom_y = zoom
+    if params.zoom and params.zoom_per_axis:  # Keras ImageDataGenerator: zx, zy apart
+        zooms = tf.random.stateless_uniform([2], s[_ZOOM], 1.0 - params.zoom, 1.0 + params.zoom)
+        zoom, zoom_y = zooms[0], zooms[1]
     shear = tf.constant(0.0)
     if params.shear_deg:
         r = math.radians(params.shear_deg)
@@ -203,8 +235,21 @@ def sample_transform(seed, height, width, params: AugmentParams = DEFAULT_AUGMEN
     cos, sin = tf.cos(angle), tf.sin(angle)
     rotation = tf.reshape(tf.stack([cos, -sin, sin, cos]), [2, 2])
     shear_m = tf.reshape(tf.stack([one, tf.tan(shear), 0.0 * one, one]), [2, 2])
-    scale = tf.reshape(tf.stack([zoom * fx, 0.0 * one, 0.0 * one, zoom * fy]), [2, 2])
+    scale = tf.reshape(tf.stack([zoom * fx, 0.0 * one, 0.0 * one, zoom_y * fy]), [2, 2])
     forward = rotation @ shear_m @ scale
+    if params.crop:
+        # q -> (q - d) / c first (window of side c, centre d from the image centre), so the
+        # whole map is q_out = (forward / c) q_in + (t - (forward / c) d). |d| stays within
+        # (1 - c) (side - 1) / 2: every output pixel centre samples between input centres.
+        draw = tf.random.stateless_uniform([3], s[_CROP], 0.0, 1.0)
+        side = 1.0 - params.crop * draw[0]
+        room = (1.0 - side) / 2.0
+        d = tf.stack(
+            [(2.0 * draw[1] - 1.0) * room * (w - 1.0), (2.0 * draw[2] - 1.0) * room * (h - 1.0)]
+        )
+        forward = forward / side
+        moved = tf.linalg.matvec(forward, d)
+        tx, ty = tx - moved[0], ty - moved[1]
     inverse = tf.linalg.inv(forward)
     centre = tf.stack([(w - 1.0) / 2.0, (h - 1.0) / 2.0])
     offset = centre - tf.linalg.matvec(inverse, centre + tf.stack([tx, ty]))
@@ -213,10 +258,13 @@ def sample_transform(seed, height, width, params: AugmentParams = DEFAULT_AUGMEN
     )
 
 
-def apply_transform(image, transform, *, interpolation: str = "bilinear") -> tf.Tensor:
+def apply_transform(
+    image, transform, *, interpolation: str = "bilinear", fill: str = "constant"
+) -> tf.Tensor:
     """Resample ``[H, W, C]`` (or ``[B, H, W, C]`` with ``[B, 8]`` transforms) through a
     transform from :func:`sample_transform`; outside the source is filled with 0 (black,
-    like the surround of a fundus photograph). Masks: ``interpolation="nearest"``.
+    like the surround of a fundus photograph), or with the nearest edge pixel with
+    ``fill="nearest"``. Masks: ``interpolation="nearest"``.
 
     Example::
 
@@ -235,7 +283,7 @@ def apply_transform(image, transform, *, interpolation: str = "bilinear") -> tf.
         output_shape=tf.shape(x)[1:3],
         fill_value=tf.constant(0.0, tf.float32),
         interpolation=interpolation.upper(),
-        fill_mode="CONSTANT",
+        fill_mode=fill.upper(),
     )
     return out if batched else out[0]
 
@@ -292,7 +340,10 @@ def _colour_terms(seed, params: AugmentParams):
     shift = tf.zeros([3])
     if params.channel_shift:
         c = params.channel_shift
-        shift = tf.random.stateless_uniform([3], s[_CHANNEL], -c, c)
+        if params.channel_shift_shared:  # Keras: one intensity for every channel
+            shift = tf.fill([3], _uniform(s[_CHANNEL], -c, c))
+        else:
+            shift = tf.random.stateless_uniform([3], s[_CHANNEL], -c, c)
     return bright * contrast, (1.0 - contrast) * bright, matrix, shift
 
 
@@ -312,6 +363,7 @@ def _has_geometry(params: AugmentParams) -> bool:
             params.zoom,
             params.shift,
             params.shear_deg,
+            params.crop,
         )
     )
 
@@ -334,6 +386,7 @@ def color_jitter(image, seed, params: AugmentParams = DEFAULT_AUGMENT) -> tf.Ten
         True
     """
     x = tf.cast(image, tf.float32)
+    low, high = _clip_range(x, params)
     gain, mean_weight, matrix, shift = _colour_terms(seed, params)
     offset = shift
     if params.contrast:
@@ -343,14 +396,27 @@ def color_jitter(image, seed, params: AugmentParams = DEFAULT_AUGMENT) -> tf.Ten
         x = tf.tensordot(x, tf.transpose(matrix) * gain, 1)
     elif params.brightness or params.contrast:
         x = x * gain
-    return tf.clip_by_value(x + offset, 0.0, 255.0)
+    return tf.clip_by_value(x + offset, low, high)
+
+
+def _clip_range(x: tf.Tensor, params: AugmentParams):
+    """Bounds of the colour-jittered image: [0, 255], or the image's own [min, max] for
+    Keras' shared channel shift (``apply_channel_shift`` clips there)."""
+    if params.channel_shift and params.channel_shift_shared:
+        return tf.reduce_min(x), tf.reduce_max(x)
+    return 0.0, 255.0
 
 
 # Mask dtypes cv2.warpAffine resamples; others go through apply_transform.
 _CV2_DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
 
 
-def _cv2_warp(array: np.ndarray, transform: np.ndarray, flags: int) -> np.ndarray:
+_CV2_BORDERS = {"constant": cv2.BORDER_CONSTANT, "nearest": cv2.BORDER_REPLICATE}
+
+
+def _cv2_warp(
+    array: np.ndarray, transform: np.ndarray, flags: int, fill: str = "constant"
+) -> np.ndarray:
     """``array [H, W, C]`` resampled through an affine ``transform`` of
     :func:`sample_transform` (output pixel -> input pixel, as ``WARP_INVERSE_MAP`` reads it),
     zeros outside. One call for all channels (OpenCV takes any count; five uint8 mask channels
@@ -361,20 +427,20 @@ def _cv2_warp(array: np.ndarray, transform: np.ndarray, flags: int) -> np.ndarra
         np.asarray(transform[:6], np.float64).reshape(2, 3),
         (width, height),
         flags=flags | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT,
+        borderMode=_CV2_BORDERS[fill],
         borderValue=0,
     )
     return warped.reshape(array.shape)  # OpenCV drops a single channel axis
 
 
-def _numpy_warp_colour(image, transform, colour):
+def _numpy_warp_colour(image, transform, colour, fill="constant", own_range=False):
     """The OpenCV body of :func:`augment` for the image: bilinear warp (skipped when
     ``transform`` is empty), then the affine colour map of :func:`_colour_terms` packed as
     ``[gain, mean_weight, C (9, row-major), s (3)]``, clipped to [0, 255]. Works in the image's
     dtype: a uint8 image stays uint8 (``cv2.transform`` rounds and saturates, which is the
     clip), so every pass reads and writes a quarter of the bytes."""
     if transform.size:
-        image = _cv2_warp(image, transform, cv2.INTER_LINEAR)
+        image = _cv2_warp(image, transform, cv2.INTER_LINEAR, fill)
     gain, mean_weight = float(colour[0]), float(colour[1])
     matrix, shift = colour[2:11].reshape(3, 3), colour[11:14]
     identity = gain == 1.0 and mean_weight == 0.0 and not shift.any()
@@ -383,11 +449,13 @@ def _numpy_warp_colour(image, transform, colour):
     offset = shift + matrix @ (mean_weight * np.asarray(cv2.mean(image)[:3], np.float32))
     affine = np.concatenate([gain * matrix, offset[:, None]], axis=1).astype(np.float32)
     out = cv2.transform(np.ascontiguousarray(image), affine)
+    if own_range:  # Keras' shared channel shift: clipped to the image's own [min, max]
+        return np.clip(out, image.min(), image.max(), out=out)
     return out if out.dtype == np.uint8 else np.clip(out, 0.0, 255.0, out=out)
 
 
-def _numpy_warp_nearest(masks, transform):
-    return _cv2_warp(masks, transform, cv2.INTER_NEAREST)
+def _numpy_warp_nearest(masks, transform, fill="constant"):
+    return _cv2_warp(masks, transform, cv2.INTER_NEAREST, fill)
 
 
 def augment(
@@ -429,9 +497,9 @@ def augment(
     if _has_geometry(params) or _has_colour(params):
         gain, mean_weight, matrix, shift = _colour_terms(s[_COLOUR], params)
         colour = tf.concat([tf.stack([gain, mean_weight]), tf.reshape(matrix, [9]), shift], 0)
-        out = tf.numpy_function(
-            _numpy_warp_colour, [image, transform, colour], image.dtype, stateful=False
-        )
+        own_range = bool(params.channel_shift and params.channel_shift_shared)
+        warp = functools.partial(_numpy_warp_colour, fill=params.fill, own_range=own_range)
+        out = tf.numpy_function(warp, [image, transform, colour], image.dtype, stateful=False)
         image = tf.cast(tf.ensure_shape(out, image.shape), tf.float32)
     else:
         image = tf.clip_by_value(tf.cast(image, tf.float32), 0.0, 255.0)
@@ -439,12 +507,11 @@ def augment(
         masks = tf.convert_to_tensor(masks)
     if masks is not None and _has_geometry(params):
         if masks.dtype.as_numpy_dtype in _CV2_DTYPES:
-            warped = tf.numpy_function(
-                _numpy_warp_nearest, [masks, transform], masks.dtype, stateful=False
-            )
+            warp_masks = functools.partial(_numpy_warp_nearest, fill=params.fill)
+            warped = tf.numpy_function(warp_masks, [masks, transform], masks.dtype, stateful=False)
             masks = tf.ensure_shape(warped, masks.shape)
         else:
-            masks = apply_transform(masks, transform, interpolation="nearest")
+            masks = apply_transform(masks, transform, interpolation="nearest", fill=params.fill)
     return image, masks
 
 

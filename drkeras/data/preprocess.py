@@ -44,7 +44,15 @@ IMAGENET_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # torchvision / keras "torch" mode: [0, 1] scaling, then per-channel mean and std (RGB).
 IMAGENET_TORCH_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_TORCH_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("unit", "imagenet_caffe", "imagenet_torch", "max", "symmetric", "standardize")
+NORMALIZATIONS = (
+    "unit",
+    "imagenet_caffe",
+    "imagenet_torch",
+    "max",
+    "symmetric",
+    "standardize",
+    "raw",
+)
 
 # A pixel belongs to the field of view when max(R, G) exceeds this fraction of the image's
 # brightest max(R, G), and at least FOV_ABS_FLOOR on the 0-255 scale (JPEG noise in the black
@@ -285,6 +293,8 @@ def normalize(image, mode: str) -> tf.Tensor:
         ``symmetric``: ``x / 127.5 - 1`` in [-1, 1].
         ``standardize``: per-image zero mean and unit variance (the cooperative-learning paper,
             "standardized by its mean and dividing its standard deviation").
+        ``raw``: unchanged, float in [0, 255] (networks that normalise their input themselves,
+            e.g. image-classifiers' ResNet / ResNeXt; :mod:`drkeras.models.input_scaling`).
 
     Args:
         image: ``[..., H, W, 3]`` float (or uint8) in [0, 255]; per-image statistics are taken
@@ -315,6 +325,8 @@ def normalize(image, mode: str) -> tf.Tensor:
         mean, var = tf.nn.moments(x, axes=list(_IMAGE_AXES), keepdims=True)
         # floor at one grey level so a blank image does not blow up
         return (x - mean) / tf.maximum(tf.sqrt(var), 1.0)
+    if mode == "raw":
+        return x
     raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {mode!r}")
 
 
@@ -342,6 +354,8 @@ def denormalize(image, mode: str) -> tf.Tensor:
         return (x * std + mean) * 255.0
     if mode == "symmetric":
         return (x + 1.0) * 127.5
+    if mode == "raw":
+        return x
     if mode in ("max", "standardize"):
         axes = _IMAGE_AXES
         lo = tf.reduce_min(x, axis=axes, keepdims=True)

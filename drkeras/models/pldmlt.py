@@ -4,7 +4,9 @@ The multi-task network of PLDMLT is the VGG16-UNet of MTUnet
 (:func:`drkeras.models.mtunet.build_vgg16_unet`); this module adds what PLDMLT needs besides it:
 
 - :func:`build_label_update_net`: ``u_psi(x, y_hat)``, which turns an image and its stage-1
-  pseudo grade into corrected grade probabilities through the mask softmax of Eq. 4;
+  pseudo grade into corrected grade probabilities through the mask softmax of Eq. 4: a
+  correction, zero at initialisation, added to the logits of the label-smoothed pseudo grade
+  (:func:`pseudo_grade_prior`), so stage 2 starts from the stage-1 labels;
 - :func:`masked_softmax` / :class:`MaskedSoftmax`: Eq. 4;
 - :func:`fuse_lesion_masks`: the single multi-class lesion mask of section 4.1 (class ids in
   ``FUSED_CLASSES``).
@@ -25,22 +27,29 @@ from drkeras.models import mtunet
 
 __all__ = [
     "CORRECTED_GRADE",
+    "DEFAULT_SMOOTHING",
     "FUSED_CLASSES",
     "FUSED_CLASS_SET",
     "GRADE_MASK",
     "NUM_FUSED_CLASSES",
     "PSEUDO_GRADE",
     "MaskedSoftmax",
+    "PseudoGradePrior",
     "build_label_update_net",
     "fuse_lesion_masks",
     "make_training_pair",
     "masked_softmax",
+    "pseudo_grade_prior",
 ]
 
 # Inputs and output of the label update network (not in drkeras.keys: only PLDMLT uses them).
 PSEUDO_GRADE = "pseudo_grade"  # one-hot stage-1 pseudo grade y_hat, [B, num_grades]
 GRADE_MASK = "grade_mask"  # binary mask M of Eq. 4 (allowed grades), [B, num_grades]
 CORRECTED_GRADE = "corrected_grade"  # y_grad = u_psi(x, y_hat), [B, num_grades]
+
+# Label smoothing of the stage-1 grade that the label update network starts from (the usual
+# 0.1 of Szegedy et al. 2016; see build_label_update_net).
+DEFAULT_SMOOTHING = 0.1
 
 # Section 4.1 fuses soft and hard exudates, haemorrhages and microaneurysms into one mask: the
 # "lesions" pixel-class set of drkeras.models.mtunet, whose class ids are 0 background, 1 MA,
@@ -158,8 +167,9 @@ def masked_softmax(logits, mask, axis: int = -1):
     ``exp(M * z) / sum exp(M * z)``, which would give masked entries ``exp(0) / Z`` rather than
     0; we follow the mask softmax of meta auxiliary learning (Liu et al. 2019, MAXL), whose
     notation ``M = B(y, psi)`` the paper reuses (its ref. [26]), where masked entries are
-    exactly 0. A row whose mask is all zero is left
-    unconstrained (plain softmax).
+    exactly 0. With ``M`` all ones (every grade allowed, the five-grade hierarchy of Sec. 3.3.2
+    that ``experiments/pldmlt.py`` uses by default) both forms are the plain softmax. A row
+    whose mask is all zero is left unconstrained (plain softmax).
 
     Implemented as ``softmax(z + (M - 1) * 1e9)``: allowed logits are used exactly, the others
     underflow to probability 0, and the result is smooth in ``z`` (the second-order
@@ -197,34 +207,94 @@ class MaskedSoftmax(keras.layers.Layer):
         return {**super().get_config(), "axis": self.axis}
 
 
+def pseudo_grade_prior(pseudo, smoothing: float = DEFAULT_SMOOTHING):
+    """Logits of the label-smoothed stage-1 grade: ``log((1 - s) y_hat + s / G)``.
+
+    Their softmax is ``(1 - s) y_hat + s / G``: the pseudo grade with probability
+    ``1 - s + s / G``, every other grade ``s / G`` (``G`` = last axis of ``pseudo``).
+
+    Example::
+
+        pseudo_grade_prior(tf.one_hot([2], 5), 0.1)   # softmax -> [[.02, .02, .92, .02, .02]]
+    """
+    if not 0.0 < float(smoothing) < 1.0:
+        raise ValueError(
+            f"smoothing of the label update network's prior must be in (0, 1), got {smoothing} "
+            "(0 would start from a one-hot, saturated label that cannot move)"
+        )
+    pseudo = tf.convert_to_tensor(pseudo)
+    count = tf.cast(tf.shape(pseudo)[-1], pseudo.dtype)
+    return tf.math.log((1.0 - smoothing) * pseudo + smoothing / count)
+
+
+@keras.saving.register_keras_serializable(package="drkeras")
+class PseudoGradePrior(keras.layers.Layer):
+    """Keras layer for :func:`pseudo_grade_prior` (``label_prior`` of the label update network).
+
+    Built with the float type ``keras.backend.floatx()`` by :func:`build_label_update_net`.
+    """
+
+    def __init__(self, smoothing: float = DEFAULT_SMOOTHING, **kwargs):
+        super().__init__(**kwargs)
+        pseudo_grade_prior(tf.ones((1, 2)), smoothing)  # validates smoothing
+        self.smoothing = float(smoothing)
+
+    def call(self, pseudo):
+        return pseudo_grade_prior(tf.cast(pseudo, self.compute_dtype), self.smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "smoothing": self.smoothing}
+
+
 def build_label_update_net(
     *,
     input_shape: Tuple[int, int, int],
     num_grades: int = keys.NUM_GRADES,
     widths: Sequence[int] = (16, 32, 64),
     hidden: int = 64,
+    smoothing: float = DEFAULT_SMOOTHING,
     name: str = "label_update_net",
 ) -> keras.Model:
     """The label update network ``y_grad = u_psi(x, y_hat)`` of PLDMLT (section 3.3, Fig. 5).
 
-    The paper shows the network only as a figure (Fig. 5, not in our copy); like the
-    label-generation network of meta auxiliary learning, which its Eq. 4 follows, it is a CNN
-    over the image whose output goes through the mask softmax. Here:
+    Fig. 5 is not in our copy of the paper. Its text fixes three things: the network *updates*
+    the stage-1 pseudo label ``y_hat`` (Sec. 3.3.1, ``y_grad = u(x, y_grad, psi)``), its output
+    goes through the mask softmax of Eq. 4, and it learns through the multi-task network
+    (Algorithm 1, the meta-auxiliary-learning scheme of its ref. [26]). Our design is a residual
+    correction of the stage-1 label:
 
-    1. the one-hot pseudo grade ``y_hat`` is broadcast to every pixel and concatenated to the
-       image (``H x W x (3 + num_grades)``), so the convolutions see the image in the light of
-       its current label;
-    2. ``len(widths)`` blocks of 3x3 convolution + ReLU + 2x2 max pooling
-       (``label_block{i}_conv``, ``label_block{i}_pool``), global average pooling;
-    3. a ReLU dense layer of ``hidden`` units, concatenated with ``y_hat`` again (a short path
-       for "keep the pseudo grade"), then ``num_grades`` logits (``label_logits``);
-    4. the mask softmax of Eq. 4 with the binary mask ``M`` (``grade_mask`` input).
+        ``logits = log((1 - s) y_hat + s / G) + c_psi(x, y_hat)``,
+        ``y_grad = masked_softmax(logits, M)`` (Eq. 4),
+
+    1. the prior ``log((1 - s) y_hat + s / G)`` (``label_prior``, :class:`PseudoGradePrior`):
+       the stage-1 grade label-smoothed by ``s = smoothing`` over the ``G`` grades, so the
+       pseudo grade starts with probability ``1 - s + s / G`` (0.92 for ``s = 0.1``, ``G = 5``)
+       and every other grade with ``s / G`` (renormalised over the allowed grades ``M``);
+    2. the correction ``c_psi`` (``label_correction``): the image, standardised per image and
+       channel inside the network (``label_input_norm``, so caffe-, torch- or [0, 1]-scaled
+       inputs all reach the convolutions at unit scale), concatenated with the one-hot
+       ``y_hat`` broadcast to every pixel (``H x W x (3 + G)``); ``len(widths)`` blocks of 3x3
+       convolution + ReLU + 2x2 max pooling (``label_block{i}_conv``, ``label_block{i}_pool``),
+       global average pooling, a ReLU dense layer of ``hidden`` units concatenated with
+       ``y_hat``, and a dense layer of ``G`` outputs whose kernel and bias start at zero.
+
+    Why: at initialisation the output is exactly the smoothed stage-1 label (within ``M``), so
+    stage 2 starts from the labels of stage 1, as Sec. 3.3.1 says, and never from a grade chosen
+    by the random initialisation; the smoothing keeps the softmax away from saturation (its
+    derivative ``p (1 - p)`` is about 0.07 at the pseudo grade, not ~0 as for a one-hot target
+    or for random logits of spread 8-17), so the second-order meta-gradient of Algorithm 1 moves
+    the label from the first step. Without the input standardisation, caffe-scaled pixels
+    (values of order 100) gave random logits of that spread and a meta-gradient of about 2e-9.
+    The zero-initialised last layer is the usual way to start a residual branch at the
+    identity: in the first step only it receives a gradient, from the second step on the
+    whole branch does.
 
     Args:
         input_shape: image shape ``(H, W, 3)``; must be static (the grade is broadcast to it).
-        num_grades: number of grades (5 for ICDRS).
+        num_grades: number of grades ``G`` (5 for ICDRS).
         widths: filters of the convolution blocks.
         hidden: units of the dense layer.
+        smoothing: ``s`` of the prior, in (0, 1); 0 would be a one-hot, saturated start.
         name: model name.
 
     Returns:
@@ -242,9 +312,13 @@ def build_label_update_net(
     image = keras.Input(input_shape, name=keys.IMAGE)
     pseudo = keras.Input((num_grades,), name=PSEUDO_GRADE)
     grade_mask = keras.Input((num_grades,), name=GRADE_MASK)
+    # Per image and channel over H x W: the scale of the input normalisation does not matter.
+    x = keras.layers.LayerNormalization(
+        axis=(1, 2), center=False, scale=False, epsilon=1e-6, name="label_input_norm"
+    )(image)
     grade_map = keras.layers.Reshape((1, 1, num_grades), name="label_grade_reshape")(pseudo)
     grade_map = keras.layers.UpSampling2D((height, width), name="label_grade_broadcast")(grade_map)
-    x = keras.layers.Concatenate(name="label_input_concat")([image, grade_map])
+    x = keras.layers.Concatenate(name="label_input_concat")([x, grade_map])
     for i, filters in enumerate(widths, start=1):
         x = keras.layers.Conv2D(
             filters, 3, padding="same", activation="relu", name=f"label_block{i}_conv"
@@ -253,10 +327,14 @@ def build_label_update_net(
     x = keras.layers.GlobalAveragePooling2D(name="label_gap")(x)
     x = keras.layers.Dense(hidden, activation="relu", name="label_hidden")(x)
     x = keras.layers.Concatenate(name="label_head_concat")([x, pseudo])
-    logits = keras.layers.Dense(num_grades, name="label_logits")(x)
-    corrected = MaskedSoftmax(dtype=keras.backend.floatx(), name=CORRECTED_GRADE)(
-        [logits, grade_mask]
-    )
+    correction = keras.layers.Dense(
+        num_grades, kernel_initializer="zeros", bias_initializer="zeros", name="label_correction"
+    )(x)
+    floatx = keras.backend.floatx()
+    prior = PseudoGradePrior(smoothing, dtype=floatx, name="label_prior")(pseudo)
+    # Added in floatx (a float16 correction is cast up by the layer's autocasting).
+    logits = keras.layers.Add(dtype=floatx, name="label_logits")([prior, correction])
+    corrected = MaskedSoftmax(dtype=floatx, name=CORRECTED_GRADE)([logits, grade_mask])
     return keras.Model(
         {keys.IMAGE: image, PSEUDO_GRADE: pseudo, GRADE_MASK: grade_mask},
         {CORRECTED_GRADE: corrected},

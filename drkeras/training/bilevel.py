@@ -145,7 +145,10 @@ class BilevelMultiTaskTrainer(keras.Model):
     Each ``train_step``, on a batch ``(x, y_S, y_hat, M)`` of images, fused lesion masks, stage-1
     pseudo grades and allowed-grade masks, runs:
 
-    1. ``y_grad = u_psi(x, y_hat)`` with the mask softmax of Eq. 4 (the corrected labels).
+    1. ``y_grad = u_psi(x, y_hat)`` with the mask softmax of Eq. 4 (the corrected labels). A
+       network from :func:`~drkeras.models.pldmlt.build_label_update_net` starts exactly at the
+       label-smoothed stage-1 grade ``y_hat`` and learns a correction of its logits, so the
+       labels move away from stage 1's only where the meta-gradient of step 5 says so.
     2. Training loss ``L(theta, psi) = L_S(f^S_theta(x), y_S) + beta L_C(f^C_theta(x), y_grad)``
        (Eq. 3), both categorical focal losses (Eq. 2) averaged over the GLOBAL batch, and its
        gradient ``g = grad_theta L``, recorded by an outer tape so ``g`` stays a function of
@@ -174,7 +177,13 @@ class BilevelMultiTaskTrainer(keras.Model):
     segmentation loss, the task with real labels, so ``u_psi`` learns grade labels whose
     gradients help rather than hurt the shared encoder, the "gradient balance" of section 3.3
     and of the ablation (Table 3); ``meta_grade_weight > 0`` adds the grading loss against the
-    stage-1 pseudo grades for the other reading of section 3.3.1.
+    stage-1 pseudo grades for the other reading of section 3.3.1. The tie of ``y_grad`` to the
+    stage-1 grade that section 3.3.1 asks for ("the initial pseudo label is predicted and
+    updated") is the label network's starting point, not a term of the meta loss.
+    ``tests/test_label_update.py`` shows both halves: on an image whose lesions contradict its
+    stage-1 grade, the label moves step by step towards the allowed grade after which the
+    segmentation loss is lowest; and with the paper's learning rates the meta-gradient reaching
+    ``u_psi`` is far above Adam's epsilon.
 
     Data: ``x = {"image", "pseudo_grade" (one-hot [B, G] or integer [B]), "grade_mask"
     (optional [B, G], default all ones)}``, ``y`` = one-hot segmentation target ``[B, H, W,
