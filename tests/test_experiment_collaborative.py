@@ -3,6 +3,7 @@ on synthetic IDRiD, EyePACS and Messidor layouts fills Tables 1-3, draws Fig. 4-
 the generator and the grader."""
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -11,8 +12,11 @@ import pytest
 
 from drkeras import keys
 from drkeras.config import resolve_preset
+from drkeras.data import augment as aug
+from drkeras.data import pipeline
 from drkeras.export import load_exported
 from experiments.collaborative import (
+    COLLABORATIVE_AUGMENT,
     MESSIDOR_COLUMNS,
     PAPER_MESSIDOR,
     PAPER_SEGMENTATION,
@@ -36,6 +40,20 @@ def test_paper_preset_holds_section_3_4():
         assert (optimizer.name, optimizer.learning_rate, optimizer.beta_1) == ("adam", 2e-4, 0.5)
     assert method.generator_widths == (32, 64, 128, 256, 512)
     assert config.model.encoder_weights is None
+
+
+def test_presets_preprocess_augment_and_test_as_section_4_1():
+    for preset in ("paper", "smoke"):
+        config = resolve_preset(Collaborative.presets, preset)
+        # Pre-processing based on [43]: the local-average colour subtraction (Graham's form).
+        assert config.data.graham and config.data.augment, preset
+        # EyePACS tested on Public + Private (53,576 images): the converter's val and test.
+        assert pipeline.split_names(config.method.eyepacs_test_split) == ("val", "test"), preset
+    # Flips and rotations (any angle: k x 90 degrees + U(-45, 45)), nothing else.
+    flips_and_rotations = dict(
+        flip_horizontal=True, flip_vertical=True, rotate90=True, rotation_deg=45.0
+    )
+    assert COLLABORATIVE_AUGMENT == dataclasses.replace(aug.NO_AUGMENT, **flips_and_rotations)
 
 
 def _results(path):
@@ -115,7 +133,15 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path):
         ).read_text()
     )
     assert check["ok"] and set(check["per_output"]) == {keys.LESION_PROBS}
-    grader = load_exported(out / "export" / "collaborative_grader").predict(images)
+    exported = load_exported(out / "export" / "collaborative_grader")
+    # The exports apply the training pre-processing, Graham's step included (the reload check
+    # above compared them with the Keras models on prepare_batch of this metadata).
+    assert exported.meta["preprocess"] == {
+        "fov_crop": True,
+        "graham": True,
+        "normalization": "unit",
+    }
+    grader = exported.predict(images)
     np.testing.assert_allclose(grader[keys.GRADE_PROBS].sum(-1), 1.0, atol=1e-5)
     assert grader[keys.ATTENTION].shape == grader[keys.LESION_PROBS].shape == (2, 32, 32, 2)
     for name in ("fig4_comparison.png", "fig5_roc_pr.png", "training_curves.png"):
@@ -123,6 +149,7 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path):
     assert not any(c[2].startswith("haemorrhages") for c in cells)
     markdown = (out / "results.md").read_text()
     assert "Table 2: Messidor" in markdown and "CE2+Semi+Adv" in markdown
+    assert "EyePACS val+test" in markdown
 
 
 def test_pretrained_weights_are_refused(tmp_path):

@@ -31,7 +31,8 @@ keep a deterministic order, so a seed reproduces a run.
 
 Splits for experiments: :func:`kfold_split` and :func:`fraction_split` work on ids (read with
 :func:`read_labels`, without decoding images) and are deterministic for a seed; pass the result
-as ``ids=`` to any builder.
+as ``ids=`` to any builder. :func:`evaluation_dataset` reads several splits as one evaluation set
+(``"val+test"``: EyePACS' Public and Private test images).
 
 Example::
 
@@ -62,6 +63,7 @@ __all__ = [
     "PATCH_LABELS",
     "SEG_IMAGE",
     "distribution_options",
+    "evaluation_dataset",
     "fraction_split",
     "grading_dataset",
     "kfold_split",
@@ -69,6 +71,7 @@ __all__ = [
     "patch_dataset",
     "read_labels",
     "segmentation_dataset",
+    "split_names",
     "two_stream_dataset",
 ]
 
@@ -1084,3 +1087,71 @@ def patch_dataset(
         batch_size = input_context.get_per_replica_batch_size(batch_size)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE)
     return ds.prefetch(AUTOTUNE).with_options(distribution_options())
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation sets that span several splits
+
+SPLIT_JOIN = "+"
+
+
+def split_names(split: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """The split names in ``split``: one name, names joined by ``+`` or a sequence of names.
+
+    Raises:
+        ValueError: an empty name (``"val+"``) or a split named twice.
+
+    Example::
+
+        >>> split_names("val+test"), split_names("test"), split_names(["val", "test"])
+        (('val', 'test'), ('test',), ('val', 'test'))
+    """
+    parts = split.split(SPLIT_JOIN) if isinstance(split, str) else [str(s) for s in split]
+    names = tuple(part.strip() for part in parts)
+    if not names or any(not name for name in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"split {split!r}: expected split names joined by {SPLIT_JOIN!r} (e.g. 'val+test'), "
+            "each non-empty and named once"
+        )
+    return names
+
+
+def evaluation_dataset(
+    builder: Callable[..., tf.data.Dataset],
+    records_dir: PathLike,
+    split: Union[str, Sequence[str]],
+    **kwargs,
+) -> tf.data.Dataset:
+    """One evaluation set read from one or several splits of a records directory, in order.
+
+    A paper's test set can span several converted splits: EyePACS' Kaggle test set is converted
+    as ``val`` (its Public part, 10,906 images) and ``test`` (Private, 42,670); Zhou et al. 2019
+    and the cooperative-learning paper test on both (53,576), ``split="val+test"``. Each split is
+    read by ``builder`` with the same arguments and the batches follow one another (the last
+    batch of each split may be short; ``max_examples`` caps each split).
+
+    Args:
+        builder: a pipeline builder called as ``builder(records_dir, split, **kwargs)``, e.g.
+            :func:`grading_dataset` or :func:`segmentation_dataset`.
+        records_dir: the converted dataset.
+        split: see :func:`split_names`; a missing split raises ``FileNotFoundError`` naming the
+            folder and the splits it holds.
+        **kwargs: the builder's arguments; ``repeat=True`` and ``shuffle=True`` are refused (the
+            first split would never end, or the splits would not be read once each in order).
+
+    Example::
+
+        >>> ds = evaluation_dataset(grading_dataset, "records/eyepacs", "val+test", size=640,
+        ...                         batch_size=16)  # doctest: +SKIP
+    """
+    for name in ("repeat", "shuffle"):
+        if kwargs.get(name):
+            raise ValueError(
+                f"evaluation_dataset reads each split once, in order: {name}=True is not allowed"
+            )
+    kwargs["shuffle"] = False
+    parts = [builder(records_dir, name, **kwargs) for name in split_names(split)]
+    ds = parts[0]
+    for part in parts[1:]:
+        ds = ds.concatenate(part)
+    return ds

@@ -80,6 +80,30 @@ def _global_batch(tensor) -> tf.Tensor:
     return tf.shape(tensor)[0] * replicas
 
 
+def _share_weights(members, global_batch, dtype=tf.float32) -> tf.Tensor:
+    """Per-example weights that turn :func:`drkeras.losses.global_mean` into a mean over the
+    members of the GLOBAL batch (one kind of image, e.g. the image-level images ``X_I``).
+
+    ``members`` is 1 for a member and 0 otherwise. A member weighs ``N / N_m``, with ``N`` the
+    global batch size and ``N_m`` the members of the global batch (summed across replicas), the
+    others 0; so ``global_mean(w * loss, N) = sum over members of loss / N_m``: the expectation
+    of Eq. 3 over that kind of image, whatever its share of the batch and however the kinds are
+    spread over the replicas (each replica's gradient, summed by the strategy, is that of the
+    global mean). No member in the global batch: every weight is 0.
+
+    Example::
+
+        >>> _share_weights(tf.constant([1.0, 0.0, 0.0, 0.0]), 4).numpy()
+        array([4., 0., 0., 0.], dtype=float32)
+    """
+    members = tf.cast(members, dtype)
+    count = tf.reduce_sum(members)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        count = context.all_reduce(tf.distribute.ReduceOp.SUM, count)
+    return members * tf.math.divide_no_nan(tf.cast(global_batch, dtype), count)
+
+
 def _refuse_ambiguous(name: str, kwargs: dict, accepted: str) -> None:
     for ambiguous in ("optimizer", "loss", "loss_weights", "metrics"):
         if ambiguous in kwargs:
@@ -194,23 +218,30 @@ class CollaborativeTrainer(keras.Model):
     4. ``L_CE`` (Eq. 3) per example, :func:`masked_lesion_crossentropy`.
     5. With ``D``: ``D(x, stop_gradient(m))``; ``L_D`` = BCE towards 1 ("real") for ``X_P`` and
        towards 0 ("fake") for ``X_I``: ``D`` maximises ``E[log D(X_P, G(X_P))] + E[log(1 -
-       D(X_I, G(X_I)))]`` (Eq. 3).
-    6. ``L_Adv`` for ``G``: ``D(x, m)`` on ``X_I`` pushed towards "real", the non-saturating
-       form ``-log D(X_I, G(X_I))`` of minimising ``log(1 - D(X_I, G(X_I)))`` (the ``X_P`` term
-       of Eq. 3 is constant for the discriminator's opponent in the usual GAN reading and is
-       not used for ``G``).
-    7. ``L_Seg = L_Adv + lambda L_CE`` (Eq. 3; ``lambda = 10``).
-    8. ``L_Cls``: categorical focal loss of the grade (section 3.3) on images with a known grade.
-    9. Each loss is averaged over the GLOBAL batch and differentiated by its own tape, w.r.t.
-       its own network's variables only: ``L_Seg`` -> ``G`` (``g_optimizer``), ``L_D`` -> ``D``
-       (``d_optimizer``), ``L_Cls`` -> ``C`` including ``att`` (``c_optimizer``). All
-       gradients are taken at the same parameters, then applied (``D``, ``G``, ``C``).
+       D(X_I, G(X_I)))]`` (Eq. 3), each expectation a mean over its own kind of image.
+    6. ``L_Adv`` for ``G``: ``D(x, m)``. Eq. 1 minimises the whole ``L_Seg`` over ``G``, and both
+       branches of Eq. 3 depend on ``G`` (the real branch is ``G``'s own prediction on ``X_P``),
+       so both are kept, each in the non-saturating form (Goodfellow et al. 2014, Sec. 3), i.e.
+       ``D``'s targets swapped: ``E_I[-log D(X_I, G(X_I))]`` (for ``log(1 - D(X_I, G(X_I)))``)
+       plus ``E_P[-log(1 - D(X_P, G(X_P)))]`` (for ``log D(X_P, G(X_P))``).
+    7. ``L_Seg = L_Adv + lambda L_CE`` (Eq. 3; ``lambda = 10``): ``L_CE`` averaged over all the
+       images of the batch (Eq. 3's one expectation over ``X_(P,I)``), each term of ``L_Adv``
+       over its own kind, so ``L_Adv`` has weight 1 whatever the share of ``X_I`` in the batch.
+    8. ``L_Cls``: categorical focal loss of the grade (section 3.3), averaged over the images with
+       a known grade (Eq. 2's expectation over ``X_I``).
+    9. Each loss is reduced over the GLOBAL batch (per-kind means through ``N / N_kind`` weights
+       with ``N_kind`` summed across replicas, :func:`_share_weights`) and differentiated by its
+       own tape, w.r.t. its own network's variables only: ``L_Seg`` -> ``G`` (``g_optimizer``),
+       ``L_D`` -> ``D`` (``d_optimizer``), ``L_Cls`` -> ``C`` including ``att``
+       (``c_optimizer``). All gradients are taken at the same parameters, then applied (``D``,
+       ``G``, ``C``).
 
     The three variable sets must be disjoint (checked in ``__init__``): a shared layer would be
     stepped by two optimizers.
 
     Logs: ``seg_loss`` (``L_Seg``), ``ce_loss``, ``grade_loss`` (mean over graded images) and,
-    with ``D``, ``adv_loss`` (``L_Adv``, over ``X_I``) and ``d_loss``; unscaled means.
+    with ``D``, ``adv_loss`` (``G``'s ``L_Adv``, both terms; ``seg_loss = lambda ce_loss +
+    adv_loss``) and ``d_loss`` (``D``'s BCE, both terms); unscaled means.
     ``evaluate`` reports ``ce_loss`` (pixel-level images only, against the ground truth) and
     ``grade_loss``.
 
@@ -387,8 +418,10 @@ class CollaborativeTrainer(keras.Model):
         """Steps 1-9 without applying anything: per-example losses and each group's gradients.
 
         Returns a dict with ``grads`` (``{group: [gradients]}`` aligned with
-        :meth:`variable_groups`) and the per-example losses ``seg``, ``ce``, ``grade``,
-        ``graded`` (0/1), ``adv``, ``fake`` (0/1: image-level) and ``d``.
+        :meth:`variable_groups`) and per-example values: ``ce``, ``grade`` (focal loss, 0 when
+        the grade is unknown), ``graded`` (0/1) and ``fake`` (0/1: image-level), and the
+        per-example terms ``seg``, ``adv`` and ``d`` whose GLOBAL-batch means are ``L_Seg``,
+        ``G``'s ``L_Adv`` and ``D``'s loss (the per-kind expectations already weighted in).
         """
         image, masks, present, valid, grade = self._unpack(data)
         groups = self.variable_groups()
@@ -414,19 +447,24 @@ class CollaborativeTrainer(keras.Model):
             adv = d_loss = None
             fake = 1.0 - v
             if self.adversarial:
+                # Each expectation of Eq. 3 over its own kind of image (_share_weights).
+                on_real = _share_weights(v, global_batch, ce.dtype)
+                on_fake = _share_weights(fake, global_batch, ce.dtype)
                 d_real = self.discriminator({keys.IMAGE: image, keys.MASKS: handed}, training=True)[
                     REAL_LOGIT
                 ]
-                d_loss = v * losses.adversarial_loss(d_real, True) + fake * losses.adversarial_loss(
-                    d_real, False
-                )
+                real_bce = losses.adversarial_loss(d_real, True)
+                d_loss = on_real * real_bce + on_fake * losses.adversarial_loss(d_real, False)
                 d_on_g = self.discriminator({keys.IMAGE: image, keys.MASKS: probs}, training=True)[
                     REAL_LOGIT
                 ]
-                adv = fake * losses.adversarial_loss(d_on_g, True)
+                # G: both branches, D's targets swapped (non-saturating form of Eqs. 1 and 3).
+                fake_bce = losses.adversarial_loss(d_on_g, False)
+                adv = on_fake * losses.adversarial_loss(d_on_g, True) + on_real * fake_bce
                 seg = seg + adv
             grade_loss, known = self._grade_loss(grade, graded[keys.GRADE_PROBS])
-            objectives = {"generator": seg, "grader": grade_loss}
+            cls = _share_weights(known, global_batch, grade_loss.dtype) * grade_loss
+            objectives = {"generator": seg, "grader": cls}
             if self.adversarial:
                 objectives["discriminator"] = d_loss
             optimizers = {
@@ -468,7 +506,7 @@ class CollaborativeTrainer(keras.Model):
             self.d_optimizer.apply_gradients(
                 zip(result["grads"]["discriminator"], groups["discriminator"])
             )
-            self.adv_tracker.update_state(result["adv"], sample_weight=result["fake"])
+            self.adv_tracker.update_state(result["adv"])
             self.d_tracker.update_state(result["d"])
         self.g_optimizer.apply_gradients(zip(result["grads"]["generator"], groups["generator"]))
         self.c_optimizer.apply_gradients(zip(result["grads"]["grader"], groups["grader"]))
