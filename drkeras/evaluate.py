@@ -48,7 +48,7 @@ from tqdm import tqdm
 from drkeras import keys, metrics, plots
 from drkeras.data import preprocess as prep
 from drkeras.data import records
-from drkeras.export import load_exported
+from drkeras.export import load_exported, masks_for_model, model_frame, serving_input
 
 __all__ = ["evaluate", "main", "segmentation_channels"]
 
@@ -198,7 +198,7 @@ def evaluate(
                 continue
             image = ex[keys.IMAGE]
             box = prep.fov_box(image) if fov_crop else [0, 0, image.shape[0], image.shape[1]]
-            masks = prep.prepare_example_masks(ex[keys.MASKS], box, size).numpy()
+            masks = masks_for_model(ex[keys.MASKS], box, meta)  # the served frame
             present = ex[keys.MASK_PRESENT]
             for name, state in seg.items():
                 target, flags = _targets(masks, present, state.channels)
@@ -208,7 +208,9 @@ def evaluate(
                 state.curves.update(probs[None], target[None], present=flags[None])
                 state.counter.update(probs[None], target[None], present=flags[None])
                 if len(state.overlays) < overlays:
-                    shown = prep.crop_and_resize(image, box, size).numpy() / 255.0
+                    shown = serving_input(
+                        image, size=size, resize_size=model_frame(meta)[0], fov_crop=fov_crop
+                    ).numpy()  # "unit": the served window in [0, 1]
                     state.overlays.append((ex[keys.ID].decode(), shown, probs, target, flags))
         n += len(batch)
         bar.update(len(batch))

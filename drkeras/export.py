@@ -11,7 +11,16 @@ signatures that apply the SAME preprocessing as training (``drkeras.data.preproc
 Both return a dict of named float32 outputs (``grade_probs``, ``lesion_probs``, ... from
 ``drkeras.keys``). Dense outputs (segmentation maps, attention maps) are returned at the
 MODEL's resolution (``image_size x image_size``, of the preprocessed, FOV-cropped image), not at
-the resolution of the input photograph: resize masks to that size (nearest neighbour) to compare.
+the resolution of the input photograph: :func:`masks_for_model` brings record masks to that
+frame, :func:`uncrop_dense` puts a dense output back into the resized field of view.
+
+The input transform (:func:`serving_input`) is the EVALUATION transform of the training
+pipelines (:mod:`drkeras.data.pipeline`): field-of-view crop, resize of its box to
+``preprocess["resize_size"]`` (default ``image_size``), optionally the pipelines' uint8
+rounding of the resized image (``quantize``), the central ``image_size`` crop, Graham,
+normalisation. An experiment that trains on random crops of a larger resize (the
+cooperative-learning paper: 224 of 256) exports ``resize_size=256`` and ``image_size=224``, so
+the served model sees lesions at the scale it was trained and evaluated on.
 
 The SavedModel also holds ``drkeras_meta``, a JSON string with the preprocessing arguments,
 input size, output names/shapes and channel names, so ``python -m drkeras.evaluate`` and other
@@ -51,6 +60,11 @@ __all__ = [
     "default_channels",
     "export_model",
     "load_exported",
+    "masks_for_model",
+    "model_frame",
+    "serving_batch",
+    "serving_input",
+    "uncrop_dense",
     "verify_export",
 ]
 
@@ -77,6 +91,114 @@ def _preprocess_module():
             f"drkeras.export needs drkeras.data.preprocess (prepare_image/prepare_batch): {err}"
         ) from err
     return preprocess
+
+
+# preprocess keys of the export beyond prepare_image's (fov_crop, graham, normalization)
+EXPORT_PREPROCESS = ("resize_size", "quantize")
+
+
+def serving_input(
+    image_uint8,
+    *,
+    size: int,
+    resize_size: Optional[int] = None,
+    quantize: bool = False,
+    fov_crop: bool = True,
+    graham: bool = False,
+    normalization: str = "unit",
+) -> tf.Tensor:
+    """The model input the export computes from one photograph: the evaluation transform of
+    :mod:`drkeras.data.pipeline` (``augment=False``).
+
+    Field-of-view box (or the whole frame), its resize to ``resize_size`` (``crop_and_resize``,
+    aspect kept, zero-padded square), with ``quantize`` the pipelines' rounding of that image
+    to uint8 (their cache stores it so), the central ``size`` crop when ``resize_size >
+    size`` (:func:`drkeras.data.augment.center_crop`), Graham, normalisation: the pipelines'
+    ``_decode_resize`` then ``_augment_stage``. With the defaults it is
+    :func:`drkeras.data.preprocess.prepare_image`.
+
+    Args:
+        image_uint8: ``[H, W, 3]`` uint8 RGB.
+        size: the model's input side.
+        resize_size: the side the box is resized to before the central crop (``None``:
+            ``size``, no crop).
+        quantize: round the resized image to uint8 as the record pipelines do.
+        fov_crop, graham, normalization: as :func:`drkeras.data.preprocess.prepare_image`.
+
+    Returns:
+        float32 ``[size, size, 3]``.
+
+    Example::
+
+        >>> import numpy as np
+        >>> serving_input(np.zeros((40, 60, 3), np.uint8), size=14, resize_size=16).shape
+        TensorShape([14, 14, 3])
+    """
+    prep = _preprocess_module()
+    from drkeras.data import augment
+
+    prep._check_mode(normalization)
+    frame = int(resize_size or size)
+    if frame < int(size):
+        raise ValueError(f"resize_size={frame} must be at least the model input size {size}")
+    image = tf.convert_to_tensor(image_uint8)
+    box = prep.fov_box(image) if fov_crop else prep._full_box(image)
+    x = prep.crop_and_resize(image, box, frame)
+    if quantize:
+        x = tf.cast(tf.cast(tf.round(x), tf.uint8), tf.float32)
+    if frame != int(size):
+        x, _ = augment.center_crop(x, None, int(size))
+    x = tf.ensure_shape(x, [int(size), int(size), 3])
+    if graham:
+        x = prep.graham(x)
+    return prep.normalize(x, normalization)
+
+
+def serving_batch(images_uint8, *, size: int, **preprocess) -> tf.Tensor:
+    """:func:`serving_input` over a batch ``[B, H, W, 3]`` (one FOV box per image)."""
+    images = tf.convert_to_tensor(images_uint8)
+    return tf.map_fn(
+        lambda image: serving_input(image, size=size, **preprocess),
+        images,
+        fn_output_signature=tf.TensorSpec([int(size), int(size), 3], tf.float32),
+    )
+
+
+def model_frame(meta: Mapping) -> Tuple[int, int]:
+    """``(resize_size, image_size)`` of an export's metadata: the side the field of view is
+    resized to, and the side of its central window the model sees (equal without a crop)."""
+    size = int(meta["image_size"])
+    return int(meta["preprocess"].get("resize_size") or size), size
+
+
+def masks_for_model(masks, box, meta: Mapping) -> np.ndarray:
+    """Record masks ``[H, W, K]`` in the model's frame ``[S, S, K]`` (nearest neighbour): the
+    crop-and-resize of :func:`serving_input` with ``box`` (the photograph's FOV box, or the
+    whole frame), then its central crop."""
+    from drkeras.data import augment
+
+    frame, size = model_frame(meta)
+    out = _preprocess_module().prepare_example_masks(masks, box, frame)
+    if frame != size:
+        out, _ = augment.center_crop(out, None, size)
+    return np.asarray(out)
+
+
+def uncrop_dense(dense, meta: Mapping) -> np.ndarray:
+    """A dense output ``[S', S'(, C)]`` put back into the resized field of view: a map of the
+    whole ``resize_size`` frame at the output's scale, zero outside the central window the model
+    saw (the identity for an export without a crop); then
+    :func:`drkeras.predict.map_to_photo` maps it onto the photograph."""
+    dense = np.asarray(dense, np.float32)
+    frame, size = model_frame(meta)
+    if frame == size:
+        return dense
+    scale = dense.shape[0] / size
+    full = int(round(frame * scale))
+    start = int(round(((frame - size) // 2) * scale))
+    out = np.zeros((full, full) + dense.shape[2:], np.float32)
+    out[start : start + dense.shape[0], start : start + dense.shape[1]] = dense
+    return out
 
 
 def default_channels(output_name: str, num_channels: int) -> Optional[list]:
@@ -125,7 +247,6 @@ class _ServingModule(tf.Module):
         super().__init__(name="drkeras_export")
         self.model = model
         self.drkeras_meta = tf.Variable(meta_json, trainable=False, name="drkeras_meta")
-        prep = _preprocess_module()
         size = int(image_size)
         kwargs = dict(preprocess)
         names = dict(mapping)
@@ -135,12 +256,12 @@ class _ServingModule(tf.Module):
             return {k: tf.cast(outputs[v], tf.float32) for k, v in names.items()}
 
         def serve(images):
-            return run(prep.prepare_batch(images, size=size, **kwargs))
+            return run(serving_batch(images, size=size, **kwargs))
 
         def decode_one(encoded):
             image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
             image = tf.ensure_shape(image, [None, None, 3])
-            return prep.prepare_image(image, size=size, **kwargs)
+            return serving_input(image, size=size, **kwargs)
 
         def serve_bytes(encoded):
             x = tf.map_fn(
@@ -203,9 +324,12 @@ def export_model(
             outputs (a dict or ``model.output_names``).
         out_dir: the SavedModel folder to write (replaced if it exists; written to a temporary
             folder first, so a failed export leaves no half-written model).
-        image_size: ``S``, the model's input side; ``prepare_image(size=S)`` is applied.
-        preprocess: keyword arguments of ``drkeras.data.preprocess.prepare_image`` other than
-            ``size`` (``fov_crop``, ``graham``, ``normalization``), exactly as in training.
+        image_size: ``S``, the model's input side.
+        preprocess: keyword arguments of :func:`serving_input` other than ``size``: those of
+            ``drkeras.data.preprocess.prepare_image`` (``fov_crop``, ``graham``,
+            ``normalization``) and ``resize_size`` / ``quantize`` (the evaluation pipeline's
+            resize before a central ``S`` crop, and its uint8 rounding), exactly as the
+            experiment's evaluation pipeline.
         output_names: the outputs to serve: a list of model output names (served under the
             same names), a mapping ``{serving_name: model_output_name}``, or ``None`` for all.
         channels: optional channel specs per served output, ``[(name, record lesion types),
@@ -233,15 +357,17 @@ def export_model(
     preprocess = dict(preprocess)
     if "size" in preprocess:
         raise ValueError("export_model: pass the input size as image_size, not preprocess['size']")
-    accepted = set(inspect.signature(_preprocess_module().prepare_image).parameters) - {
-        "image_uint8",
-        "size",
-    }
+    accepted = set(inspect.signature(serving_input).parameters) - {"image_uint8", "size"}
     unknown = sorted(set(preprocess) - accepted)
     if unknown:
         raise ValueError(
             f"export_model: preprocess has unknown argument(s) {unknown}; "
-            f"drkeras.data.preprocess.prepare_image accepts {sorted(accepted)}"
+            f"drkeras.export.serving_input accepts {sorted(accepted)}"
+        )
+    if int(preprocess.get("resize_size") or image_size) < int(image_size):
+        raise ValueError(
+            f"export_model: preprocess['resize_size']={preprocess['resize_size']} is smaller "
+            f"than image_size={image_size} (the model sees a central image_size crop of it)"
         )
     # The names a call returns (dict keys, else model.output_names) are what can be served.
     probe = _model_outputs(model, tf.zeros([1, int(image_size), int(image_size), 3]))
@@ -326,7 +452,7 @@ def _encode_png(image: np.ndarray) -> bytes:
 def verify_export(model: tf.keras.Model, path, sample, *, tolerance: float = TOLERANCE) -> Dict:
     """Reload the SavedModel at ``path`` and compare it with ``model`` on ``sample``.
 
-    The reference is ``model(prepare_batch(sample, **meta preprocess))`` computed here in
+    The reference is ``model(serving_batch(sample, **meta preprocess))`` computed here in
     Python; the exported model is called through both signatures (``serve_bytes`` on lossless
     PNG encodings of ``sample``, so the inputs are identical).
 
@@ -343,8 +469,7 @@ def verify_export(model: tf.keras.Model, path, sample, *, tolerance: float = TOL
     sample = _check_images(sample, "verify_export sample")
     exported = load_exported(path)
     meta = exported.meta
-    prep = _preprocess_module()
-    x = prep.prepare_batch(tf.constant(sample), size=meta["image_size"], **meta["preprocess"])
+    x = serving_batch(tf.constant(sample), size=meta["image_size"], **meta["preprocess"])
     reference = _model_outputs(model, x)
     from_images = exported.predict(sample)
     from_bytes = exported.predict_bytes([_encode_png(img) for img in sample])

@@ -52,7 +52,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from drkeras import keys, metrics
-from drkeras.export import load_exported
+from drkeras.export import load_exported, uncrop_dense
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -374,7 +374,7 @@ def predict(
             hw = image.shape[:2]
             lesion_maps = []
             for output, chans in dense.items():
-                full = map_to_photo(pred[output][i], box, hw)
+                full = map_to_photo(uncrop_dense(pred[output][i], meta), box, hw)
                 for c, cname, is_lesion in chans:
                     if maps:
                         path_png = out / "maps" / names[index] / f"{output}_{cname}.png"
@@ -388,7 +388,9 @@ def predict(
                 # The patch grid tiles the model's square input.
                 side = exported.image_size
                 grid = cv2.resize(scores, (side, side), interpolation=cv2.INTER_NEAREST)
-                full = map_to_photo(grid, box, hw, interpolation=cv2.INTER_NEAREST)
+                full = map_to_photo(
+                    uncrop_dense(grid, meta), box, hw, interpolation=cv2.INTER_NEAREST
+                )
                 path_png = out / "maps" / names[index] / "patch_scores.png"
                 _write_png(path_png, np.round(full * 255).astype(np.uint8))
                 map_paths.append(path_png)

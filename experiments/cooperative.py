@@ -57,8 +57,9 @@ Input (section III "Preprocessing"): resized to ``method.resize_size`` (256), ra
 random padding (a random shift with black fill), hue/contrast/saturation jitter for the
 classification images only, as the paper says; each image standardised by its own mean and
 standard deviation (``data.normalization="standardize"``). The
-exported model (``export/cooperative``) resizes the field of view to ``data.image_size`` directly
-(the serving preprocessing has no crop).
+exported model (``export/cooperative``) applies the evaluation transform: the field of view
+resized to ``method.resize_size``, its central ``data.image_size`` crop
+(:func:`export_preprocess`), so it sees lesions at the training scale.
 
 Reading choices (documented on :class:`Method`): widths and depths of the networks, learning
 rates, batch sizes and epochs are not given in the paper.
@@ -110,6 +111,7 @@ __all__ = [
     "PAPER_TABLE4",
     "SMOKE",
     "SegmentationIoU",
+    "export_preprocess",
     "plot_segmentation_comparison",
     "write_partial_random_labels",
 ]
@@ -162,7 +164,9 @@ class Method:
         seg_dataset / seg_train_split / seg_test_split: pixel-level data of the segmentation
             agent (the paper's 5K annotated EyePACS subset is private; IDRiD-S stands for it).
         cls_dataset / cls_train_split / cls_test_split: graded data of the classifier agent
-            (EyePACS: 25K training images and the 55K test set in the paper).
+            (EyePACS: 25K training images and the 55K test set in the paper). The test split
+            may join splits with ``+`` (:func:`drkeras.data.pipeline.evaluation_dataset`):
+            ``val+test`` is EyePACS' Public and Private test images, 53,576 together.
         class_set: pixel classes (:data:`drkeras.models.mtunet.CLASS_SETS`); the paper's five
             pathological features plus artefacts are not in public data, IDRiD's four lesions
             are.
@@ -190,7 +194,7 @@ class Method:
     seg_test_split: str = "test"
     cls_dataset: str = "eyepacs"
     cls_train_split: str = "train"
-    cls_test_split: str = "test"
+    cls_test_split: str = "val+test"
     class_set: str = "lesions"
     lr_ratio: float = 30.0
     batch_ratio: int = 32
@@ -591,12 +595,12 @@ class _Run:
 
         def read():
             options = dict(self._stream_options("classification"), augment=False)
-            ds = pipeline.grading_dataset(
+            ds = pipeline.evaluation_dataset(
+                pipeline.grading_dataset,
                 self.cls_dir,
                 self.method.cls_test_split,
                 batch_size=16,
                 num_classes=self.num_grades,
-                shuffle=False,
                 **options,
             )
             return [(x.numpy(), grade.numpy()) for x, grade in ds]
@@ -767,15 +771,32 @@ class _Run:
         return np.clip(shown, 0, 255).astype(np.uint8)
 
     def export(self, network: keras.Model) -> pathlib.Path:
-        """``export/cooperative``: the joint network's serving signatures, reload-checked."""
+        """``export/cooperative``: the joint network's serving signatures, reload-checked; the
+        served input is the evaluation transform (:func:`export_preprocess`)."""
         return export_model(
             network,
             self.ctx.export_dir / "cooperative",
             image_size=self.size,
-            preprocess=self._preprocess(),
+            preprocess=export_preprocess(self.config),
             output_names=[keys.GRADE_PROBS, keys.SEG_PROBS],
             channels={keys.SEG_PROBS: mtunet.CLASS_SETS[self.method.class_set]},
         )
+
+
+def export_preprocess(config: Config) -> dict:
+    """The export's input transform: the evaluation pipeline's (``_Run.seg_eval``,
+    ``_Run.cls_eval``), i.e. the field of view resized to ``method.resize_size`` (256), rounded
+    to uint8 as the record pipelines cache it, its central ``data.image_size`` (224) crop, then
+    ``data.graham`` and ``data.normalization``. A photograph served by the SavedModel thus shows
+    lesions at the scale of training (random 224 crops of the 256 image), not 12.5 % smaller as
+    a direct resize to 224 would."""
+    return {
+        "fov_crop": config.data.fov_crop,
+        "graham": config.data.graham,
+        "normalization": config.data.normalization,
+        "resize_size": config.method.resize_size,
+        "quantize": True,
+    }
 
 
 class JointSegExperiment(Experiment):

@@ -54,12 +54,18 @@ fraction_split`, seeded by the sampling), and:
    with Table 5's recipe (the paper gives it for ResNet34; the issue applies it to both):
    balanced class weights on binary cross-entropy, Adam 1e-5 (beta_1 0.9), batch 32, early
    stopping on the validation cohort's loss (patience 20, best weights restored),
-   learning-rate reduction to 10 % (patience 10), augmentation by rotations of up to 180
-   degrees, left-right and up-down flips and shifts of up to 30 %.
+   learning-rate reduction to 10 % (patience 10). Augmentation as the paper names it
+   (:func:`supervised_augmentation`): the ConvNet gets the SSL-GAN's random cropping and
+   flipping (Supplement A: "the same" for the associated CNN), ResNet34 (and Table 7's ResNet50)
+   Table 5's rotations of up to 180 degrees, left-right and up-down flips and shifts of up to
+   30 %.
 3. Table 7: ResNet50 (keras.applications) classifying whole images directly, trained on the
    image labels of the same labeled images, with ImageNet weights ("Pretrained") and without,
    the same recipe. The image it sees is the one the patch classifiers see, the max-normalised
-   photograph at 256 x 256 (the 64 patches side by side).
+   photograph at 256 x 256 (the 64 patches side by side). The pretrained weights are set by
+   ``method.pretrained_weights`` (``method.resnet34_weights`` for ResNet34; this experiment does
+   not read ``model.encoder_weights``) and fetched before anything else
+   (:func:`check_pretrained_weights`): offline, the run stops at once naming that key.
 
 Evaluation on the test cohort: patch-level ROC AUC over all its patches (Table 1) and the
 image-level ROC AUC of ``score_i = sum_j sigmoid(l_ij)`` (Table 2); the image threshold is the
@@ -105,12 +111,17 @@ __all__ = [
     "PAPER_TABLE1",
     "PAPER_TABLE2",
     "PAPER_TABLE7",
+    "PRETRAINED_WEIGHTS",
+    "RESNET34_WEIGHTS",
     "CohortImage",
     "Method",
     "SSLGAN",
+    "SUPERVISED_AUGMENTATION",
+    "check_pretrained_weights",
     "export_patch_classifier",
     "read_cohort",
     "split_cohort",
+    "supervised_augmentation",
 ]
 
 log = logging.getLogger("drkeras.ssl_gan")
@@ -421,6 +432,111 @@ class _Grids:
     image_labels: np.ndarray  # [N]
 
 
+# The config keys of the pretrained weights this experiment loads (``model.encoder_weights`` is
+# not read here); a failed download names them (``pretrained_download_guard``).
+RESNET34_WEIGHTS = "method.resnet34_weights"
+PRETRAINED_WEIGHTS = "method.pretrained_weights"
+
+
+def check_pretrained_weights(method: Method) -> None:
+    """Build the networks that load pretrained weights once, before any data or training.
+
+    Downloads the weight files into the Keras cache (later builds read them there), or, offline
+    without a cached file, fails at once with a
+    :class:`~drkeras.models.blocks.PretrainedWeightsUnavailable` naming the key to set to
+    ``none`` (``method.resnet34_weights`` or ``method.pretrained_weights``), instead of after
+    the first SSL-GAN and baselines have trained. Nothing is built for ``none``.
+    """
+    patch = (method.patch_size, method.patch_size, 3)
+    if method.resnet34_weights is not None:
+        nets.build_resnet_patch_classifier(
+            input_shape=patch,
+            encoder_weights=method.resnet34_weights,
+            weights_option=RESNET34_WEIGHTS,
+        )
+    if method.pretrained_weights is not None:
+        nets.build_resnet_image_classifier(
+            input_shape=patch,
+            encoder_weights=method.pretrained_weights,
+            weights_option=PRETRAINED_WEIGHTS,
+        )
+
+
+# Augmentation of the supervised networks. Supplement A: the associated CNN (the ConvNet, the
+# discriminator's architecture) gets the SSL-GAN's random cropping and flipping; Table 5 gives
+# ResNet34's recipe, which Table 7's ResNet50 (same recipe, "kept across experiments") shares.
+SUPERVISED_AUGMENTATION = {"ConvNet": "crop_flip", "ResNet34": "table5", "ResNet50": "table5"}
+
+
+class ReflectPadRandomCrop(tf.keras.__internal__.layers.BaseRandomLayer):
+    """Reflect-pad ``pad`` pixels, then crop back to the input size at a random offset drawn per
+    example (training only; the identity at inference). Keras' ``RandomCrop`` draws one offset
+    per batch and resizes at inference, so it is not used.
+
+    Example::
+
+        ReflectPadRandomCrop(4)(patches, training=True)   # [B, 32, 32, 3] -> [B, 32, 32, 3]
+    """
+
+    def __init__(self, pad: int, seed: Optional[int] = None, **kwargs):
+        super().__init__(seed=seed, **kwargs)
+        self.pad = int(pad)
+        self.seed = seed
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        p = self.pad
+        padded = tf.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]], mode="REFLECT")
+        rows, cols = tf.shape(inputs)[1], tf.shape(inputs)[2]
+        offsets = self._random_generator.random_uniform(
+            tf.stack([tf.shape(inputs)[0], 2]), 0, 2 * p + 1, dtype=tf.int32
+        )
+        y = offsets[:, :1] + tf.range(rows)[None]
+        x = offsets[:, 1:] + tf.range(cols)[None]
+        out = tf.gather(padded, y, axis=1, batch_dims=1)
+        return tf.gather(out, x, axis=2, batch_dims=1)
+
+    def get_config(self):
+        return {**super().get_config(), "pad": self.pad, "seed": self.seed}
+
+
+def supervised_augmentation(recipe: str, size: int) -> keras.Sequential:
+    """The in-model training augmentation of a supervised baseline (inactive at inference).
+
+    Args:
+        recipe: ``"table5"``: Table 5, rotations of 0-180 degrees (uniform in +-180), left-right
+            and up-down flips, shifts of 0-30 % of the side, reflected borders. ``"crop_flip"``:
+            Supplement A's random cropping and flipping, exactly as the SSL-GAN's patch stream
+            (:func:`drkeras.data.pipeline.patch_dataset`): reflect-pad ``size // 8`` pixels (4
+            for 32 px patches), a random ``size`` crop, random left-right and up-down flips.
+        size: the input side (the patch size).
+
+    Example::
+
+        aug = supervised_augmentation("crop_flip", 32)
+        aug(patches, training=True)   # cropped and flipped; aug(patches) returns patches
+    """
+    if recipe == "table5":
+        return keras.Sequential(
+            [
+                keras.layers.RandomRotation(0.5, fill_mode="reflect", name="aug_rotate"),
+                keras.layers.RandomFlip("horizontal_and_vertical", name="aug_flip"),
+                keras.layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", name="aug_shift"),
+            ],
+            name="table5_augmentation",
+        )
+    if recipe == "crop_flip":
+        return keras.Sequential(
+            [
+                ReflectPadRandomCrop(max(1, int(size) // 8), name="aug_crop"),
+                keras.layers.RandomFlip("horizontal_and_vertical", name="aug_flip"),
+            ],
+            name="crop_flip_augmentation",
+        )
+    raise ValueError(f"augmentation recipe must be 'table5' or 'crop_flip', got {recipe!r}")
+
+
 class _Run:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -428,6 +544,12 @@ class _Run:
         self.method: Method = ctx.config.method
         self.data = ctx.config.data
         m = self.method
+        if self.config.model.encoder_weights is not None:
+            raise ValueError(
+                f"model.encoder_weights={self.config.model.encoder_weights!r} is not read by this "
+                f"experiment; its pretrained weights are set by {PRETRAINED_WEIGHTS} (Table 7's "
+                f"ResNet50) and {RESNET34_WEIGHTS} (the ResNet34 patch baseline)"
+            )
         for column in m.label_columns:
             if column not in COLUMNS:
                 raise ValueError(f"method.label_columns: {column!r} is not one of {COLUMNS}")
@@ -439,6 +561,7 @@ class _Run:
             )
         self.tables = self._tables()
         self.seed = self.config.seed
+        check_pretrained_weights(m)
         self.records = ctx.records("idrid")
 
     # ----------------------------------------------------------------------------- tables
@@ -645,17 +768,6 @@ class _Run:
         take = rng.choice(len(flat), min(self.method.init_batch, len(flat)), replace=False)
         return flat[np.sort(take)]
 
-    def _augmentation(self) -> keras.Sequential:
-        # Table 5: 0-180 degree rotations, left-right and up-down flips, 0-30 % shifts
-        return keras.Sequential(
-            [
-                keras.layers.RandomRotation(0.5, fill_mode="reflect", name="aug_rotate"),
-                keras.layers.RandomFlip("horizontal_and_vertical", name="aug_flip"),
-                keras.layers.RandomTranslation(0.3, 0.3, fill_mode="reflect", name="aug_shift"),
-            ],
-            name="table5_augmentation",
-        )
-
     def _class_weight(self, labels: np.ndarray) -> Dict[int, float]:
         counts = np.bincount(np.asarray(labels).astype(np.int64).ravel(), minlength=2).astype(float)
         present = counts > 0
@@ -663,9 +775,21 @@ class _Run:
         return {0: float(weights[0]), 1: float(weights[1])}
 
     def train_supervised(
-        self, build, x_train, y_train, x_val, y_val, stage: str, seed: int, init: bool = False
+        self,
+        build,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        stage: str,
+        seed: int,
+        init: bool = False,
+        augmentation: str = "table5",
     ) -> keras.Model:
-        """Table 5's recipe for a classifier with output ``patch_logits``; returns it trained."""
+        """Table 5's recipe for a classifier with output ``patch_logits``; returns it trained.
+
+        ``augmentation``: a recipe of :func:`supervised_augmentation` (``SUPERVISED_AUGMENTATION``
+        says which network gets which)."""
         m = self.method
         tf.keras.utils.set_random_seed(seed)
         with self.ctx.strategy.scope():
@@ -674,7 +798,7 @@ class _Run:
                 initialize = x_train[: m.init_batch]
                 nets.initialize_weight_norm(classifier, initialize)
             inputs = keras.Input(classifier.input_shape[1:], name="train_input")
-            augmented = self._augmentation()(inputs)
+            augmented = supervised_augmentation(augmentation, classifier.input_shape[1])(inputs)
             logit = classifier(augmented)[keys.PATCH_LOGITS]
             logit = keras.layers.Reshape((1,), name="logit")(logit)
             model = keras.Model(inputs, logit, name=f"{classifier.name}_training")
@@ -867,13 +991,16 @@ class _Run:
                     "ConvNet": self.train_supervised(
                         lambda: self._discriminator("convnet"),
                         x_lab, y_lab, val_x, val_y, f"{tag}_convnet", seed, init=True,
+                        augmentation=SUPERVISED_AUGMENTATION["ConvNet"],
                     ),
                     "ResNet34": self.train_supervised(
                         lambda: nets.build_resnet_patch_classifier(
                             input_shape=(m.patch_size, m.patch_size, 3),
                             encoder_weights=m.resnet34_weights,
+                            weights_option=RESNET34_WEIGHTS,
                         ),
                         x_lab, y_lab, val_x, val_y, f"{tag}_resnet34", seed,
+                        augmentation=SUPERVISED_AUGMENTATION["ResNet34"],
                     ),
                 }  # fmt: skip
                 for row, net in networks.items():
@@ -897,10 +1024,12 @@ class _Run:
                 for row, weights in (("Pretrained", m.pretrained_weights), ("ResNet50", None)):
                     net = self.train_supervised(
                         lambda w=weights: nets.build_resnet_image_classifier(
-                            input_shape=direct["train"].shape[1:], encoder_weights=w
+                            input_shape=direct["train"].shape[1:], encoder_weights=w,
+                            weights_option=PRETRAINED_WEIGHTS,
                         ),
                         direct["train"][index], y_img, direct["val"],
                         val.image_labels.astype(np.float32), f"{tag}_resnet50_{row.lower()}", seed,
+                        augmentation=SUPERVISED_AUGMENTATION["ResNet50"],
                     )  # fmt: skip
                     logits = self._predict(net, direct["test"][:, None])[:, 0]
                     self.tables["table7"].add(

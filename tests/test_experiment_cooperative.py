@@ -50,6 +50,15 @@ def test_presets_hold_the_papers_settings():
     assert smoke.data.image_size >= 75  # InceptionV3's smallest input
 
 
+def test_eyepacs_is_tested_on_public_and_private():
+    # Section III: the ~55K EyePACS test images, Kaggle's Public (converted as val) and Private
+    # (test) parts together; both read as one set by pipeline.evaluation_dataset.
+    for preset in ("paper", "smoke"):
+        method = resolve_preset(JointSegExperiment.presets, preset).method
+        assert method.cls_dataset == "eyepacs", preset
+        assert pipeline.split_names(method.cls_test_split) == ("val", "test"), preset
+
+
 def test_miou_includes_background_on_a_hand_case():
     # 2x2 image: MA at (0, 0), HE at (1, 0); the optic disc at (1, 1) is background here.
     masks = np.zeros((1, 2, 2, 5), np.uint8)

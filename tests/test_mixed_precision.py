@@ -35,6 +35,11 @@ def _trainer(policy=None, model_optimizer=None, label_optimizer=None, weights=No
         )
     finally:
         keras.mixed_precision.set_global_policy(None)
+    # The label network's last layer starts at zero (only it would move in one step): random
+    # values give every variable a gradient to compare.
+    rng = np.random.default_rng(0)
+    for var in trainer.label_network.get_layer("label_correction").trainable_variables:
+        var.assign(rng.normal(0.0, 0.5, var.shape).astype(np.float32))
     trainer.compile(
         model_optimizer=model_optimizer or keras.optimizers.SGD(0.1),
         label_optimizer=label_optimizer or keras.optimizers.SGD(20.0),

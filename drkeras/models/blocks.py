@@ -67,7 +67,15 @@ _VGG16_NOTOP_MD5 = "6d6bbae143d832006294945121d1f1fc"
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
-    """Pretrained weights were requested but could not be obtained (offline, no cached file)."""
+    """Pretrained weights were requested but could not be obtained (offline, no cached file).
+
+    Attributes:
+        option: the config key whose ``none`` value builds without them (also in the message).
+    """
+
+    def __init__(self, message: str, option: str = WEIGHTS_OPTION):
+        super().__init__(message)
+        self.option = option
 
 
 def scaled_filters(filters: int, width: float) -> int:
@@ -306,6 +314,13 @@ def pretrained_download_guard(what: str, option: str = WEIGHTS_OPTION):
     The message names ``what`` could not be downloaded and the config option to change, so an
     offline run with ``encoder_weights="imagenet"`` says how to proceed. Other errors pass.
 
+    Args:
+        what: the network whose weights are downloaded.
+        option: the config key the CALLER reads these weights from (``model.encoder_weights``
+            by default; an experiment with its own key passes it, e.g. ``experiments/ssl_gan.py``
+            names ``method.pretrained_weights``), so ``--set <option>=none`` is a key the run
+            accepts and reads. Kept on the error as ``.option``.
+
     Example::
 
         with pretrained_download_guard("DenseNet201"):
@@ -320,7 +335,8 @@ def pretrained_download_guard(what: str, option: str = WEIGHTS_OPTION):
             f"could not download the ImageNet weights of {what} ({err}). Pretrained weights "
             "need a network connection (or the file already cached in ~/.keras/models). To "
             f"build with random weights instead set {option}=none (--set {option}=none on the "
-            "command line, encoder_weights=None in Python)."
+            "command line, encoder_weights=None in Python).",
+            option,
         ) from err
 
 

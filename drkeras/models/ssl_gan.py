@@ -148,6 +148,25 @@ class WeightNorm(tfa.layers.WeightNormalization):
                 return [check]
         return super()._initialize_weights(inputs)
 
+    def _data_dep_init(self, inputs):
+        """tfa's data-dependent initialisation with its statistics in the variables' dtype.
+
+        Under a mixed policy (``train.mixed_precision``) the layer computes in float16 or
+        bfloat16 while ``g`` and the bias are float32 variables; tfa's version assigns the
+        low-precision statistics to them and fails. Here the pre-activations of the raw kernel
+        are cast to the variables' dtype before the moments; otherwise as tfa: ``g <- g /
+        std``, ``b <- -mean / std``.
+        """
+        with tf.name_scope("data_dep_init"):
+            dtype = self.g.dtype
+            x_init = tf.cast(self._naked_clone_layer(inputs), dtype)
+            m_init, v_init = tf.nn.moments(x_init, list(range(x_init.shape.rank - 1)))
+            scale_init = 1.0 / tf.math.sqrt(v_init + 1e-10)
+            g_tensor = self.g.assign(tf.cast(self.g, dtype) * scale_init)
+            if getattr(self.layer, "bias", None) is None:
+                return [g_tensor]
+            return [g_tensor, self.layer.bias.assign(-m_init * scale_init)]
+
 
 @keras.utils.register_keras_serializable(package="drkeras")
 class TransposedConv2D(keras.layers.Layer):
@@ -533,11 +552,11 @@ def build_image_scorer(
     )
 
 
-def _resnet_base(name: str, inputs, weights: Optional[str]):
+def _resnet_base(name: str, inputs, weights: Optional[str], option: str):
     from classification_models.tfkeras import Classifiers
 
     constructor, _ = Classifiers.get(name)
-    with blocks.pretrained_download_guard(name):
+    with blocks.pretrained_download_guard(name, option):
         return constructor(input_tensor=inputs, include_top=False, weights=weights)
 
 
@@ -552,6 +571,7 @@ def build_resnet_patch_classifier(
     input_shape: Sequence[int] = (32, 32, 3),
     depth: int = 34,
     encoder_weights: Optional[str] = None,
+    weights_option: str = blocks.WEIGHTS_OPTION,
     name: str = "resnet34_patch",
 ) -> keras.Model:
     """The ResNet34 patch baseline of Tables 1-2 (image-classifiers' ResNet, He et al. 2016).
@@ -562,6 +582,8 @@ def build_resnet_patch_classifier(
         input_shape: patch shape (32 x 32: the ResNet's five downsamplings reach 1 x 1).
         depth: 18, 34 or 50.
         encoder_weights: ``None`` or ``"imagenet"`` (downloads).
+        weights_option: the config key that sets ``encoder_weights``, named by the error when
+            the download fails (``method.resnet34_weights`` in ``experiments/ssl_gan.py``).
         name: model name.
 
     Returns:
@@ -576,7 +598,7 @@ def build_resnet_patch_classifier(
     shape = blocks.check_input_shape(input_shape, what=name, min_size=32, channels=3)
     inputs = keras.Input(shape, name="patch")
     # image-classifiers' ResNets normalise their input with a batch norm of their own
-    base = _resnet_base(f"resnet{depth}", inputs, encoder_weights)
+    base = _resnet_base(f"resnet{depth}", inputs, encoder_weights, weights_option)
     return keras.Model(inputs, {keys.PATCH_LOGITS: _binary_head(base.output, "cls")}, name=name)
 
 
@@ -584,13 +606,16 @@ def build_resnet_image_classifier(
     *,
     input_shape: Sequence[int],
     encoder_weights: Optional[str] = None,
+    weights_option: str = blocks.WEIGHTS_OPTION,
     name: str = "resnet50_image",
 ) -> keras.Model:
     """Table 7's direct image-level ResNet50 (``keras.applications``), with or without ImageNet
     pretraining, on whole (max-normalised) photographs.
 
     The input in [0, 1] is scaled to the 0-255 "caffe" convention the ImageNet weights expect
-    (``keras.applications.resnet50.preprocess_input``) inside the model.
+    (``keras.applications.resnet50.preprocess_input``) inside the model. ``weights_option`` is
+    the config key that sets ``encoder_weights`` (``method.pretrained_weights`` in
+    ``experiments/ssl_gan.py``): a failed download names it.
 
     Returns:
         A functional model from ``image`` to ``{"patch_logits": [B]}`` (one logit per image;
@@ -605,7 +630,7 @@ def build_resnet_image_classifier(
     x = keras.layers.Lambda(
         lambda t: keras.applications.resnet50.preprocess_input(t * 255.0), name="caffe_scaling"
     )(inputs)
-    with blocks.pretrained_download_guard("ResNet50"):
+    with blocks.pretrained_download_guard("ResNet50", weights_option):
         base = keras.applications.ResNet50(
             include_top=False, weights=encoder_weights, input_tensor=x
         )

@@ -18,6 +18,7 @@ from tensorflow import keras
 from drkeras import keys, losses
 from drkeras.data import preprocess
 from drkeras.models.ssl_gan import CLASS_LOGITS, FEATURES, initialize_weight_norm
+from drkeras.training import distribute
 
 __all__ = [
     "LABELED",
@@ -208,7 +209,11 @@ class PatchSSLGANTrainer(keras.Model):
 
         Args:
             d_optimizer: updates the discriminator (Adam 3e-4, beta_1 0.5, Table 6).
-            g_optimizer: updates the generator (the same).
+            g_optimizer: updates the generator (the same). Under a ``mixed_float16``
+                discriminator both are wrapped in a ``LossScaleOptimizer``
+                (:func:`drkeras.training.distribute.loss_scale_optimizer`, kept when already
+                wrapped): each step scales its own loss by its own optimizer's scale, unscales
+                the gradients, and a step whose gradients overflow is skipped by that optimizer.
             ema_decay: decay of the weight average (0.999, Table 6).
             fm_norm: ``"l1"`` (Sec. 2, ``L_G``) or ``"l2"`` (Salimans et al. 2016).
             **kwargs: passed to ``keras.Model.compile`` (``run_eagerly``, ``jit_compile``);
@@ -224,6 +229,12 @@ class PatchSSLGANTrainer(keras.Model):
             raise ValueError(f"fm_norm must be 'l1' or 'l2', got {fm_norm!r}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if d_optimizer is g_optimizer:
+            raise ValueError("d_optimizer and g_optimizer must be two optimizer instances")
+        # float16 gradients underflow without loss scaling (as Keras' own compile() does).
+        policy = self.discriminator.dtype_policy
+        d_optimizer = distribute.loss_scale_optimizer(d_optimizer, policy)
+        g_optimizer = distribute.loss_scale_optimizer(g_optimizer, policy)
         # The discriminator's optimizer doubles as Keras' `optimizer` (learning-rate callbacks).
         super().compile(optimizer=d_optimizer, **kwargs)
         self.d_optimizer = d_optimizer
@@ -308,7 +319,8 @@ class PatchSSLGANTrainer(keras.Model):
             loss = losses.global_mean(sup, tf.shape(x_l)[0] * replicas) + losses.global_mean(
                 unsup, batch_u * replicas
             )
-        grads = tape.gradient(loss, variables)
+            scaled = distribute.scale_loss(self.d_optimizer, loss)
+        grads = distribute.unscale_gradients(self.d_optimizer, tape.gradient(scaled, variables))
         self.d_optimizer.apply_gradients(zip(grads, variables))
         self.update_ema()
         correct = tf.cast(tf.equal(tf.argmax(logits_l, -1, output_type=tf.int32), y_l), tf.float32)
@@ -356,7 +368,8 @@ class PatchSSLGANTrainer(keras.Model):
         variables = self.generator.trainable_variables
         with tf.GradientTape() as tape:
             loss = self.feature_matching_loss(x_u, z)
-        grads = tape.gradient(loss, variables)
+            scaled = distribute.scale_loss(self.g_optimizer, loss)
+        grads = distribute.unscale_gradients(self.g_optimizer, tape.gradient(scaled, variables))
         self.g_optimizer.apply_gradients(zip(grads, variables))
         return loss * _replicas()
 
