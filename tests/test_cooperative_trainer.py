@@ -245,10 +245,12 @@ def _network_weights(trainer, trainable=False):
     return [w for m in agents for w in m.get_weights()]
 
 
-def _replica_trainer(strategy, weights=None):
+def _replica_trainer(strategy, weights=None, run_eagerly=True):
     with strategy.scope():
         tf.keras.utils.set_random_seed(0)
-        trainer = _trainer(clf_lr=0.3, seg_lr=0.01, momentum=0.9, network=_network())
+        trainer = _trainer(
+            clf_lr=0.3, seg_lr=0.01, momentum=0.9, network=_network(), run_eagerly=run_eagerly
+        )
         if weights is not None:
             for model in (trainer.encoder, trainer.classifier, trainer.segmenter):
                 count = len(model.get_weights())
@@ -257,7 +259,9 @@ def _replica_trainer(strategy, weights=None):
     return trainer
 
 
-def test_one_and_two_replicas_give_the_same_update(two_replicas):
+# Traced (the paper preset's mode: a tf.function per step) and eager (the smoke preset's).
+@pytest.mark.parametrize("run_eagerly", [True, False], ids=["eager", "traced"])
+def test_one_and_two_replicas_give_the_same_update(two_replicas, run_eagerly):
     x, y = _batch(3, seg_batch=4, ratio=2)  # global batches: 4 segmentation, 8 classification
     # two batched streams zipped, as drkeras.data.pipeline.two_stream_dataset builds them
     seg = tf.data.Dataset.from_tensor_slices((x[SEG_IMAGE], y[SEG_TARGET])).batch(4)
@@ -272,10 +276,10 @@ def test_one_and_two_replicas_give_the_same_update(two_replicas):
         )
         .repeat(2)
     )
-    single = _replica_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    single = _replica_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"), run_eagerly=run_eagerly)
     start = _network_weights(single)
     start_trainable = _network_weights(single, trainable=True)
-    double = _replica_trainer(two_replicas, start)
+    double = _replica_trainer(two_replicas, start, run_eagerly=run_eagerly)
     logs_1 = single.fit(data, epochs=1, verbose=0, shuffle=False).history
     logs_2 = double.fit(data, epochs=1, verbose=0, shuffle=False).history
     for optimizer in (double.clf_optimizer, double.seg_optimizer):
@@ -294,3 +298,19 @@ def test_one_and_two_replicas_give_the_same_update(two_replicas):
     assert moved == len(start_trainable)
     for key in LOG_KEYS:
         np.testing.assert_allclose(logs_2[key], logs_1[key], rtol=1e-4, err_msg=key)
+
+
+def test_traced_and_eager_steps_are_equal():
+    data = tf.data.Dataset.from_tensors(_batch(5)).repeat(2)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    eager = _replica_trainer(strategy, run_eagerly=True)
+    start = _network_weights(eager)
+    traced = _replica_trainer(strategy, start, run_eagerly=False)
+    logs_eager = eager.fit(data, epochs=1, verbose=0, shuffle=False).history
+    logs_traced = traced.fit(data, epochs=1, verbose=0, shuffle=False).history
+    for key in LOG_KEYS:
+        np.testing.assert_allclose(logs_traced[key], logs_eager[key], rtol=1e-5, err_msg=key)
+    after_eager, after_traced = _network_weights(eager), _network_weights(traced)
+    assert any(not np.array_equal(a, w0) for a, w0 in zip(after_eager, start))
+    for a, b in zip(after_eager, after_traced):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

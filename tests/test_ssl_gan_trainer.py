@@ -161,11 +161,12 @@ def test_bad_arguments_and_data():
     assert cloned.ema_discriminator is not d and not cloned.ema_discriminator.trainable
 
 
-def _replica_trainer(strategy, weights=None):
+def _replica_trainer(strategy, weights=None, run_eagerly=True):
     with strategy.scope():
         # SGD: Adam's first step is lr * sign(grad), which hides differences in the gradients.
-        # Eager steps (strategy.run without tf.function) skip two minutes-long graph traces.
-        trainer = _trainer(d_lr=0.05, g_lr=0.05, optimizer=keras.optimizers.SGD, run_eagerly=True)
+        trainer = _trainer(
+            d_lr=0.05, g_lr=0.05, optimizer=keras.optimizers.SGD, run_eagerly=run_eagerly
+        )
         if weights is not None:
             for net, values in zip(
                 (trainer.discriminator, trainer.generator, trainer.ema_discriminator), weights
@@ -174,12 +175,14 @@ def _replica_trainer(strategy, weights=None):
     return trainer
 
 
-def test_one_and_two_replicas_give_the_same_update(two_replicas):
+# Traced (the paper preset's mode: a tf.function per step) and eager (the smoke preset's).
+@pytest.mark.parametrize("run_eagerly", [True, False], ids=["eager", "traced"])
+def test_one_and_two_replicas_give_the_same_update(two_replicas, run_eagerly):
     x, y = _batch()
-    single = _replica_trainer(tf.distribute.get_strategy())
+    single = _replica_trainer(tf.distribute.get_strategy(), run_eagerly=run_eagerly)
     nets_of = (single.discriminator, single.generator, single.ema_discriminator)
     start = [net.get_weights() for net in nets_of]
-    double = _replica_trainer(two_replicas, start)
+    double = _replica_trainer(two_replicas, start, run_eagerly=run_eagerly)
     ds = tf.data.Dataset.from_tensors((x, y)).repeat(2)
     single.fit(ds, epochs=1, verbose=0, shuffle=False)
     double.fit(ds, epochs=1, verbose=0, shuffle=False)
@@ -194,3 +197,27 @@ def test_one_and_two_replicas_give_the_same_update(two_replicas):
             scale = max(np.abs(delta_a).max(), 1e-12)
             np.testing.assert_allclose(delta_b, delta_a, rtol=1e-3, atol=2e-3 * scale)
     assert any(np.abs(a - w0).max() > 0 for a, w0 in zip(single.generator.get_weights(), start[1]))
+
+
+def test_traced_and_eager_steps_are_equal():
+    x, y = _batch()
+    eager = _replica_trainer(tf.distribute.get_strategy(), run_eagerly=True)
+    nets = (eager.discriminator, eager.generator, eager.ema_discriminator)
+    start = [net.get_weights() for net in nets]
+    traced = _replica_trainer(tf.distribute.get_strategy(), start, run_eagerly=False)
+    ds = tf.data.Dataset.from_tensors((x, y)).repeat(2)
+    logs_eager = eager.fit(ds, epochs=1, verbose=0, shuffle=False).history
+    logs_traced = traced.fit(ds, epochs=1, verbose=0, shuffle=False).history
+    assert set(logs_traced) == set(logs_eager)
+    for key in logs_eager:
+        np.testing.assert_allclose(logs_traced[key], logs_eager[key], rtol=1e-4, err_msg=key)
+    moved = 0
+    for net_a, net_b, w0s in zip(
+        nets, (traced.discriminator, traced.generator, traced.ema_discriminator), start
+    ):
+        for w0, a, b in zip(w0s, net_a.get_weights(), net_b.get_weights()):
+            if w0.dtype == bool:
+                continue
+            moved += int(np.abs(a - w0).max() > 0)
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * max(np.abs(a).max(), 1.0))
+    assert moved > 0
