@@ -62,6 +62,7 @@ __all__ = [
     "load_exported",
     "masks_for_model",
     "model_frame",
+    "pipeline_preprocess",
     "serving_batch",
     "serving_input",
     "uncrop_dense",
@@ -152,6 +153,41 @@ def serving_input(
     if graham:
         x = prep.graham(x)
     return prep.normalize(x, normalization)
+
+
+def pipeline_preprocess(
+    *,
+    fov_crop: bool,
+    graham: bool,
+    normalization: str,
+    resize_size: Optional[int] = None,
+) -> dict:
+    """The export ``preprocess`` of a model evaluated on :mod:`drkeras.data.pipeline`'s
+    segmentation / grading / mixed datasets: their options plus ``quantize=True``, because
+    those pipelines round the resized field of view to uint8 (their cache stores it so) before
+    Graham and normalisation. (:func:`drkeras.data.pipeline.patch_dataset` does not round: an
+    export of a patch-grid model passes ``quantize=False``.)
+
+    What the export cannot reproduce: grading records (no masks) of large JPEGs are decoded
+    already scaled down by 2, 4 or 8 (:func:`drkeras.data.records.parse_example` ``min_side``),
+    while the export decodes (and ``serving_default`` receives) the photograph at full size,
+    as segmentation records are decoded. README's export section gives the measured size of
+    that difference.
+
+    Example::
+
+        >>> pipeline_preprocess(fov_crop=True, graham=False, normalization="unit")["quantize"]
+        True
+    """
+    out = {
+        "fov_crop": bool(fov_crop),
+        "graham": bool(graham),
+        "normalization": str(normalization),
+        "quantize": True,
+    }
+    if resize_size is not None:
+        out["resize_size"] = int(resize_size)
+    return out
 
 
 def serving_batch(images_uint8, *, size: int, **preprocess) -> tf.Tensor:
@@ -514,7 +550,8 @@ class ExportedModel:
     Example::
 
         >>> exported = load_exported("runs/pldmlt_smoke/export/pldmlt")   # doctest: +SKIP
-        >>> exported.predict(np.zeros((1, 300, 400, 3), np.uint8))["grade_probs"].shape
+        >>> images = np.zeros((1, 300, 400, 3), np.uint8)
+        >>> exported.predict(images)["grade_probs"].shape  # doctest: +SKIP
         (1, 5)
     """
 

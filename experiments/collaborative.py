@@ -84,7 +84,7 @@ from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, Tra
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
-from drkeras.export import export_model
+from drkeras.export import export_model, pipeline_preprocess
 from drkeras.models import collaborative as nets
 from drkeras.plots import (
     error_overlay,
@@ -820,12 +820,17 @@ class _Run:
         return save_figure(fig, self.ctx.out_dir / "fig4_comparison.png")
 
     def export(self, generator: keras.Model, model: keras.Model) -> None:
+        """``export/collaborative_generator`` and ``export/collaborative_grader``, reload-checked;
+        the served input is the evaluation transform of ``_seg_test`` / ``_grade_test`` (the
+        pipelines' uint8 rounding before Graham included:
+        :func:`drkeras.export.pipeline_preprocess`)."""
         channels = [(lesion, [lesion]) for lesion in self.lesions]
+        preprocess = pipeline_preprocess(**self._preprocess())
         export_model(
             generator,
             self.ctx.export_dir / "collaborative_generator",
             image_size=self.size,
-            preprocess=self._preprocess(),
+            preprocess=preprocess,
             output_names=[keys.LESION_PROBS],
             channels={keys.LESION_PROBS: channels},
         )
@@ -833,7 +838,7 @@ class _Run:
             model,
             self.ctx.export_dir / "collaborative_grader",
             image_size=self.size,
-            preprocess=self._preprocess(),
+            preprocess=preprocess,
             output_names=[keys.GRADE_PROBS, keys.ATTENTION, keys.LESION_PROBS],
             channels={keys.ATTENTION: channels, keys.LESION_PROBS: channels},
         )

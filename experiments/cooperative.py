@@ -89,7 +89,7 @@ from drkeras.config import (
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess, records
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
-from drkeras.export import export_model
+from drkeras.export import export_model, pipeline_preprocess
 from drkeras.models import cooperative, mtunet
 from drkeras.models.cooperative import build_reference_grader
 from drkeras.plots import display_image, new_figure, plot_history, save_figure
@@ -790,13 +790,12 @@ def export_preprocess(config: Config) -> dict:
     ``data.graham`` and ``data.normalization``. A photograph served by the SavedModel thus shows
     lesions at the scale of training (random 224 crops of the 256 image), not 12.5 % smaller as
     a direct resize to 224 would."""
-    return {
-        "fov_crop": config.data.fov_crop,
-        "graham": config.data.graham,
-        "normalization": config.data.normalization,
-        "resize_size": config.method.resize_size,
-        "quantize": True,
-    }
+    return pipeline_preprocess(
+        fov_crop=config.data.fov_crop,
+        graham=config.data.graham,
+        normalization=config.data.normalization,
+        resize_size=config.method.resize_size,
+    )
 
 
 class JointSegExperiment(Experiment):

@@ -104,7 +104,7 @@ from drkeras.config import (
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
-from drkeras.export import export_model
+from drkeras.export import export_model, pipeline_preprocess
 from drkeras.models import baselines, blocks, mtunet
 from drkeras.models.input_scaling import input_scaling
 from drkeras.plots import display_image, new_figure, plot_history, save_figure
@@ -1081,16 +1081,17 @@ class _Run:
         return self.dice(model, seg_test, mode)
 
     def export(self, model: keras.Model, mode: str) -> None:
-        """``export/mtunet``: serving signatures with this run's preprocessing, reload-checked."""
+        """``export/mtunet``: serving signatures, reload-checked. The served input is the
+        evaluation transform of ``outputs`` on the pipeline-read images (field of view resized
+        and rounded to uint8 as ``_read`` stores it, ``data.graham``, the network's scaling
+        ``mode``): :func:`drkeras.export.pipeline_preprocess`."""
         export_model(
             model,
             self.ctx.export_dir / "mtunet",
             image_size=self.size,
-            preprocess={
-                "fov_crop": self.data.fov_crop,
-                "graham": self.data.graham,
-                "normalization": mode,
-            },
+            preprocess=pipeline_preprocess(
+                fov_crop=self.data.fov_crop, graham=self.data.graham, normalization=mode
+            ),
             output_names=[keys.GRADE_PROBS, keys.SEG_PROBS],
             channels={keys.SEG_PROBS: mtunet.CLASS_SETS[self.class_set]},
         )

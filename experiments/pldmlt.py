@@ -97,7 +97,7 @@ from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, Tra
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess, records
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
-from drkeras.export import export_model
+from drkeras.export import export_model, pipeline_preprocess
 from drkeras.models import mtunet
 from drkeras.models.baselines import build_grader, build_segmenter
 from drkeras.models.blocks import scaled_filters
@@ -1334,17 +1334,26 @@ class _Run:
 
     # -------------------------------------------------------------------------- outputs
 
-    def _export_and_overlays(self, network: keras.Model, test_sources) -> None:
+    def _export(self, network: keras.Model) -> pathlib.Path:
+        """``export/pldmlt``: the multi-task network's serving signatures, reload-checked. The
+        served input is the evaluation transform of ``_seg_eval_data`` / ``_grading_data``
+        (the pipelines' uint8 rounding included: :func:`drkeras.export.pipeline_preprocess`)
+        with the network's own input scaling."""
         mode = self._scaling(self._row_network("Ours"))
         path = export_model(
             network,
             self.ctx.export_dir / "pldmlt",
             image_size=self.size,
-            preprocess=self._preprocess(mode),
+            preprocess=pipeline_preprocess(**self._preprocess(mode)),
             output_names=[keys.GRADE_PROBS, keys.SEG_PROBS],
             channels={keys.SEG_PROBS: mtunet.CLASS_SETS[FUSED_CLASS_SET]},
         )
         log.info("exported the PLDMLT multi-task network to %s", path)
+        return path
+
+    def _export_and_overlays(self, network: keras.Model, test_sources) -> None:
+        mode = self._scaling(self._row_network("Ours"))
+        self._export(network)
         drawn = 0
         for source in test_sources:
             offset = 0

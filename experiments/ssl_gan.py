@@ -920,6 +920,11 @@ class _Run:
             )
 
     def export(self, discriminator: keras.Model, test: _Grids) -> None:
+        """``export/ssl_gan`` (photograph -> patch grid -> scores) and ``export/ssl_gan_patches``
+        (prepared patches), reload-checked. The photograph export serves the evaluation
+        transform of ``grids`` (:func:`drkeras.data.patches.patch_example`: field of view
+        resized, no uint8 rounding, whole-image ``data.normalization``), hence ``quantize``
+        off and no Graham."""
         scorer = nets.build_image_scorer(
             discriminator, image_size=self.data.image_size, grid=self.method.grid
         )
@@ -931,6 +936,7 @@ class _Run:
                 "fov_crop": self.data.fov_crop,
                 "graham": False,
                 "normalization": self.data.normalization,
+                "quantize": False,  # patch_example keeps the resized image in float
             },
             output_names=[keys.PATCH_LOGITS, nets.PATCH_PROBS, keys.IMAGE_SCORE],
         )

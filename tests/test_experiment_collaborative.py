@@ -140,6 +140,7 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path):
         "fov_crop": True,
         "graham": True,
         "normalization": "unit",
+        "quantize": True,
     }
     grader = exported.predict(images)
     np.testing.assert_allclose(grader[keys.GRADE_PROBS].sum(-1), 1.0, atol=1e-5)
