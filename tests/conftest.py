@@ -49,6 +49,23 @@ def idrid_mini():
     return root
 
 
+def stand_in_context(config, out_dir, *, export_dir=None, records=None):
+    """What an experiment's ``_Run`` reads of the runner's ``RunContext``, for tests that build
+    a run without the runner (one device, chief, every dataset name reading ``records``)."""
+    import types
+
+    context = types.SimpleNamespace(
+        config=config,
+        strategy=tf.distribute.get_strategy(),
+        export_dir=export_dir or out_dir,
+        out_dir=out_dir,
+        is_chief=True,
+    )
+    if records is not None:
+        context.records = lambda name: records
+    return context
+
+
 @pytest.fixture(scope="session")
 def two_replicas():
     """A MirroredStrategy over the two logical CPU devices."""

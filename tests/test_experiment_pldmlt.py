@@ -37,6 +37,7 @@ from experiments.pldmlt import (
     main,
     split_sources,
 )
+from tests.conftest import stand_in_context
 
 MA, HE, EX, SE, OD = range(5)
 
@@ -297,20 +298,12 @@ def _offline_paper_run(tmp_path, monkeypatch, size=32):
     """The paper preset's ``_Run`` (ImageNet weights) with tiny models, no training and fake
     pipelines recording what the experiment asks of them: ``(run, seen, calls, exported)``,
     ``seen`` as ``(pipeline, normalization)``, ``calls`` the keyword arguments."""
-    import types
 
     import tensorflow as tf
 
     config = resolve_preset(PLDMLT.presets, "paper", [f"data.image_size={size}"])
     assert config.model.encoder_weights == "imagenet"
-    ctx = types.SimpleNamespace(
-        config=config,
-        strategy=tf.distribute.get_strategy(),
-        export_dir=tmp_path,
-        out_dir=tmp_path,
-        is_chief=True,
-    )
-    run = pldmlt_experiment._Run(ctx)
+    run = pldmlt_experiment._Run(stand_in_context(config, tmp_path))
     seen, calls = [], []  # (pipeline, normalization) and the arguments of every dataset built
 
     def fake_segmentation(records_dir, split, *, ids, normalization, repeat=False, **kwargs):

@@ -21,6 +21,7 @@ from drkeras.export import (
     uncrop_dense,
 )
 from experiments.cooperative import SMOKE, export_preprocess
+from tests.conftest import stand_in_context
 
 TOLERANCE = 1e-4
 
@@ -131,16 +132,7 @@ def test_uncrop_dense_places_the_window_in_the_resized_frame():
 
 def _context(tmp_path, config, root):
     """A stand-in for the runner's context: every dataset name reads ``root``."""
-    import types
-
-    return types.SimpleNamespace(
-        config=config,
-        strategy=tf.distribute.get_strategy(),
-        export_dir=tmp_path / "export",
-        out_dir=tmp_path,
-        is_chief=True,
-        records=lambda name: root,
-    )
+    return stand_in_context(config, tmp_path, export_dir=tmp_path / "export", records=root)
 
 
 def _assert_serves(exported, photo, reference, names):

@@ -21,6 +21,7 @@ from drkeras.models.pldmlt import (
     pseudo_grade_prior,
 )
 from drkeras.training.bilevel import BilevelMultiTaskTrainer, stateless_call
+from tests.conftest import stand_in_context
 
 SIZE = 16
 EX = 3  # fused class id of hard exudates
@@ -215,8 +216,6 @@ def test_meta_gradient_moves_the_label_at_the_papers_learning_rates():
 def test_experiment_gives_the_label_network_its_mask_smoothing_and_meta_weight(
     tmp_path, monkeypatch
 ):
-    import types
-
     import experiments.pldmlt as pldmlt_experiment
     from drkeras.config import resolve_preset
 
@@ -251,14 +250,7 @@ def test_experiment_gives_the_label_network_its_mask_smoothing_and_meta_weight(
             "smoke",
             [f"data.image_size={size}", "data.augment=false", *overrides],
         )
-        ctx = types.SimpleNamespace(
-            config=config,
-            strategy=tf.distribute.get_strategy(),
-            export_dir=tmp_path,
-            out_dir=tmp_path,
-            is_chief=True,
-        )
-        return pldmlt_experiment._Run(ctx)
+        return pldmlt_experiment._Run(stand_in_context(config, tmp_path))
 
     # The default: M of Eq. 4 is every grade (Sec. 3.3.2), so a single allowed stage-1 grade
     # no longer freezes the label; "allowed" restricts M to the stage-1 allowed grades.

@@ -18,8 +18,6 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
-import drkeras.startup
-
 __all__ = ["RETINA_LICENCE", "retina_source", "write_retina"]
 
 RETINA_LICENCE = "CC0 1.0 Universal (public domain dedication), shipped with scikit-image"
@@ -53,7 +51,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Write a real fundus photograph (scikit-image's retina.jpg, CC0) to a folder.",
     )
     parser.add_argument("--out", required=True, help="folder to write retina.jpg into")
-    drkeras.startup.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     try:
         path = write_retina(args.out)
