@@ -19,4 +19,7 @@ Modules:
         (Tables 3-4), the image scorer over the 8 x 8 patch grid, the ResNet baselines.
     cooperative: the cooperative-learning paper's residual inception blocks, shared encoder,
         classifier agent, segmentation agent with partial attention, FCN-8s and inception UNet.
+    upsampling: ``NearestUpSampling2D``, nearest-neighbour upsampling whose gradient has
+        deterministic GPU kernels, and ``replace_nearest_upsampling`` for the libraries'
+        networks (segmentation-models' UNet, LinkNet and FPN decoders).
 """

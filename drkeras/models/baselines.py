@@ -49,7 +49,7 @@ import tensorflow as tf
 from tensorflow import keras
 
 from drkeras import keys
-from drkeras.models import blocks
+from drkeras.models import blocks, upsampling
 
 __all__ = [
     "DEEPLAB_BACKBONES",
@@ -270,6 +270,9 @@ def build_segmenter(
             encoder_weights=encoder_weights,
             **kwargs,
         )
+    # The decoders' nearest UpSampling2D has no deterministic GPU gradient in TF 2.15; the
+    # same network with NearestUpSampling2D (same layers and weights) has.
+    net = upsampling.replace_nearest_upsampling(net)
     return keras.Model(net.input, _named_seg_outputs(net.output, activation), name=model_name)
 
 

@@ -30,7 +30,9 @@ mentions no ImageNet pre-training, and none of these networks has pretrained wei
 Odd sizes. Max-pooling uses ``same`` padding, so a side ``n`` becomes ``ceil(n / 2)``; for input
 sizes that are not multiples of 32 some skips are odd-sized (72 px: 36, 18, 9, 5, 3). The
 decoder up-samples by 2 and crops to the skip's size (:class:`CropLike`), so any input size
-works and the output has the input's size.
+works and the output has the input's size. The up-sampling is nearest-neighbour
+(:class:`~drkeras.models.upsampling.NearestUpSampling2D`: ``UpSampling2D``'s function with a
+gradient that TensorFlow can compute deterministically on a GPU).
 
 Every layer is named (``encoder_tuple{i}_*``, ``decoder_tuple{i}_*``, ``disc_tuple{i}_*``,
 ``attention_{lesion}_*``); outputs are dicts keyed by :mod:`drkeras.keys`.
@@ -52,6 +54,7 @@ from tensorflow import keras
 
 from drkeras import keys
 from drkeras.models.blocks import check_input_shape, scaled_filters
+from drkeras.models.upsampling import NearestUpSampling2D
 
 __all__ = [
     "DISCRIMINATOR_WIDTHS",
@@ -256,7 +259,7 @@ def build_xception_unet(
         skips.append(x)
     for i in range(len(filters) - 1, 0, -1):
         skip = skips[i - 1]
-        x = keras.layers.UpSampling2D(2, name=f"decoder_tuple{i}_up")(x)
+        x = NearestUpSampling2D(2, name=f"decoder_tuple{i}_up")(x)
         x = CropLike(name=f"decoder_tuple{i}_crop")([x, skip])
         x = keras.layers.Concatenate(name=f"decoder_tuple{i}_concat")([x, skip])
         x = conv_tuple(
@@ -268,7 +271,7 @@ def build_xception_unet(
             sync_batchnorm=sync_batchnorm,
             bn_momentum=bn_momentum,
         )
-    x = keras.layers.UpSampling2D(2, name="output_up")(x)
+    x = NearestUpSampling2D(2, name="output_up")(x)
     x = CropLike(name="output_crop")([x, image])
     logits = [
         keras.layers.Conv2D(1, 3, padding="same", name=f"lesion_{lesion}_conv")(x)

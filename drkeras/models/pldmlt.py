@@ -24,6 +24,7 @@ from tensorflow import keras
 
 from drkeras import keys
 from drkeras.models import mtunet
+from drkeras.models.upsampling import NearestUpSampling2D
 
 __all__ = [
     "CORRECTED_GRADE",
@@ -317,7 +318,7 @@ def build_label_update_net(
         axis=(1, 2), center=False, scale=False, epsilon=1e-6, name="label_input_norm"
     )(image)
     grade_map = keras.layers.Reshape((1, 1, num_grades), name="label_grade_reshape")(pseudo)
-    grade_map = keras.layers.UpSampling2D((height, width), name="label_grade_broadcast")(grade_map)
+    grade_map = NearestUpSampling2D((height, width), name="label_grade_broadcast")(grade_map)
     x = keras.layers.Concatenate(name="label_input_concat")([x, grade_map])
     for i, filters in enumerate(widths, start=1):
         x = keras.layers.Conv2D(

@@ -7,6 +7,12 @@ stop at its first GPU step, after its data were loaded and its graph traced. :fu
 finds such ops in a model's traced train step before training and names the op and the layer it
 belongs to, so the run can stop at once with the setting to change.
 
+The papers' networks avoid the one such op they used: nearest upsampling is
+:class:`drkeras.models.upsampling.NearestUpSampling2D` in our builders and replaces
+``UpSampling2D`` in the segmentation-models decoders
+(:func:`drkeras.models.upsampling.replace_nearest_upsampling`); ``tests/test_determinism.py``
+traces the train step of every paper preset's network and finds none of these ops.
+
 :data:`GPU_NONDETERMINISTIC_OPS` is taken from TensorFlow 2.15.1's own library: the messages of
 its GPU kernels that refuse to run under op determinism ("A deterministic GPU implementation of
 ... is not currently available", "Determinism is not yet supported in GPU implementation of
