@@ -2,13 +2,11 @@
 and that the experiment reads, and ``--set <key>=none`` then builds without any download.
 
 Offline is simulated: every Keras download (``get_file``) raises as Keras does without a network
-(tests never download). SSL-GAN and collaborative run through ``main``: SSL-GAN checks its weights
-before any data or training (:func:`experiments.ssl_gan.check_pretrained_weights`), and
-collaborative refuses pretrained weights at once. With the key at ``none`` they proceed to the
-data, which a ``--data`` folder without records stops with its own error. PLDMLT, MTUnet and
-cooperative download inside their first (or, for cooperative, a late) training stage, after
-minutes of work, so for them the builder they call is run with the value their preset's key
-holds.
+(tests never download). The runner checks every experiment's weights before any data or training
+(:func:`drkeras.weights.ensure_available`); SSL-GAN and collaborative run through ``main`` here
+(collaborative refuses pretrained weights at once). With the key at ``none`` they proceed to the
+data, which a ``--data`` folder without records stops with its own error. For PLDMLT, MTUnet and
+cooperative the builder they call is run with the value their preset's key holds.
 """
 
 import pytest
@@ -20,11 +18,16 @@ from drkeras.models import blocks
 from drkeras.models.baselines import build_grader
 from drkeras.models.cooperative import build_reference_grader
 from drkeras.models.mtunet import build_vgg16_unet
+from drkeras.weights import MissingWeights, ensure_available
 from experiments.collaborative import Collaborative
 from experiments.cooperative import JointSegExperiment
 from experiments.mtunet import MTUnetExperiment
 from experiments.pldmlt import PLDMLT
-from experiments.ssl_gan import PRETRAINED_WEIGHTS, RESNET34_WEIGHTS, SSLGAN
+from experiments.ssl_gan import (
+    PRETRAINED_WEIGHTS,
+    RESNET34_WEIGHTS,
+    SSLGAN,
+)
 
 
 @pytest.fixture
@@ -67,12 +70,22 @@ def _argv(tmp_path, *sets):
 
 
 @pytest.mark.parametrize("key", [PRETRAINED_WEIGHTS, RESNET34_WEIGHTS])
-def test_ssl_gan_offline_error_names_the_method_key_it_reads(tmp_path, offline, key):
-    with pytest.raises(blocks.PretrainedWeightsUnavailable) as err:
-        main(SSLGAN(), _argv(tmp_path, f"{key}=imagenet"))
+def test_ssl_gan_offline_error_names_the_method_key_it_reads(tmp_path, offline, capsys, key):
+    # The run stops before any stage (exit code 2) with drkeras.weights' message.
+    assert main(SSLGAN(), _argv(tmp_path, f"{key}=imagenet")) == 2
     assert offline, "the weights were not requested"
+    error = capsys.readouterr().err.split("error: ", 1)[1]
+    assert f"--set {key}=none" in error
+    assert "model.encoder_weights" not in error
+    # The error itself (the shared mechanism the runner calls before the first stage).
+    offline.clear()
+    config = resolve_preset(SSLGAN.presets, "smoke", [f"{key}=imagenet"])
+    with pytest.raises(blocks.PretrainedWeightsUnavailable) as err:
+        ensure_available(SSLGAN(), config)
     _names_key(err.value, key)
-    assert "model.encoder_weights" not in str(err.value)
+    assert isinstance(err.value, MissingWeights)
+    assert [f.key for f in err.value.files] == [key]
+    assert offline == [err.value.files[0].origin]
     _key_works(SSLGAN, key)
     # With the key at none nothing is downloaded and the run goes on to read its data.
     offline.clear()
