@@ -9,7 +9,7 @@ GPU ?= 0
 CPU_STAMP := $(VENV)/.installed
 STAMP := $(if $(filter 1,$(GPU)),$(VENV)/.installed-gpu,$(CPU_STAMP))
 
-.PHONY: venv reproduce test lint format bench contact-sheet predict-example clean
+.PHONY: venv reproduce test test-slow lint format bench contact-sheet predict-example dry-run plan clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ reproduce: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest
 
+# The dry runs of whole experiments (a few minutes each) that `make test` leaves out.
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -53,6 +57,25 @@ predict-example: $(STAMP)
 	@test -d runs/pldmlt_smoke/export/pldmlt || { echo "run 'make reproduce' first"; exit 1; }
 	$(PY) -m drkeras.data.samples --out runs/example
 	$(PY) -m drkeras.predict --model runs/pldmlt_smoke/export/pldmlt --images runs/example/retina.jpg --out runs/example/predictions
+
+PAPERS := pldmlt mtunet collaborative ssl_gan cooperative
+
+# Every stage of the five paper presets for 2 steps at per-replica batches 1 and 2, on synthetic
+# images at the papers' resolutions, offline (ImageNet weights replaced by random ones):
+# runs/dry_run/<paper>/dry_run.json and plan.json. PAPERS="mtunet" runs one.
+dry-run: $(STAMP)
+	@for p in $(PAPERS); do \
+		echo "== dry run: $$p (paper preset)"; \
+		$(PY) experiments/$$p.py --preset paper --dry-run --random-weights --fresh \
+			--out runs/dry_run/$$p || exit 1; \
+	done
+
+# The resource plan of the five paper presets at the datasets' published sizes (no data needed).
+plan: $(STAMP)
+	@for p in $(PAPERS); do \
+		$(PY) -m drkeras.plan --experiment $$p --preset paper --published --out runs/plan/$$p \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -66,6 +66,10 @@ class DataConfig:
         synthetic_scale: multiplies the default per-split image counts of synthetic layouts.
         synthetic_label_noise: rate of grader label noise in synthetic grades.
         max_examples: cap on examples per split read from records (0 = all); for quick runs.
+        cache: where decoded examples are cached (:func:`drkeras.stages.cache_plan`):
+            ``auto`` (in memory while the datasets alive together fit ``host_memory_gb``, else
+            in files under ``<out>/cache``, else not at all), ``memory``, ``disk`` or ``none``.
+        host_memory_gb: the in-memory cache budget of ``auto`` (0 = half the machine's RAM).
     """
 
     source: str = "synthetic"
@@ -79,6 +83,14 @@ class DataConfig:
     synthetic_scale: float = 1.0
     synthetic_label_noise: float = 0.0
     max_examples: int = 0
+    cache: str = "auto"
+    host_memory_gb: float = 0.0
+
+    def __post_init__(self):
+        if self.cache not in ("auto", "memory", "disk", "none"):
+            raise ConfigError(
+                f"data.cache: expected 'auto', 'memory', 'disk' or 'none', got {self.cache!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +164,12 @@ class TrainConfig:
             optimizer states) or ``none`` (as ``final`` while the run goes on; when the whole
             run has completed, its checkpoints are deleted: results, figures and exports stay,
             and running the same command again trains again). Smoke presets use ``none``.
+        accelerator: the accelerator the resource plan estimates time for (a key of
+            :data:`drkeras.stages.ACCELERATORS`, e.g. ``a100-40gb``).
+        accelerator_memory_gb: memory of one accelerator, checked by the plan before training
+            (0 = the detected GPU's; without a GPU and at 0 the CPU trains in host memory and
+            the plan checks host RAM).
+        accelerators: number of accelerators the plan is written for (0 = this run's replicas).
     """
 
     epochs: int = 1
@@ -164,6 +182,9 @@ class TrainConfig:
     verbose: int = 1
     checkpoint_steps: int = 500
     keep_checkpoints: str = "final"
+    accelerator: str = "a100-40gb"
+    accelerator_memory_gb: float = 0.0
+    accelerators: int = 0
 
     def __post_init__(self):
         if isinstance(self.deterministic, bool):  # TrainConfig(deterministic=False) in code
@@ -177,6 +198,13 @@ class TrainConfig:
             raise ConfigError(
                 "train.keep_checkpoints: expected 'final', 'all' or 'none', got "
                 f"{self.keep_checkpoints!r}"
+            )
+        from drkeras.stages import ACCELERATORS
+
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError(
+                f"train.accelerator: expected one of {sorted(ACCELERATORS)}, got "
+                f"{self.accelerator!r}"
             )
 
 

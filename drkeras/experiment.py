@@ -45,6 +45,7 @@ from __future__ import annotations
 import abc
 import argparse
 import collections
+import gc
 import json
 import logging
 import pathlib
@@ -53,12 +54,13 @@ import shutil
 import sys
 import time
 import zlib
-from typing import Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Protocol, Sequence
 
 import drkeras.startup
 
 import tensorflow as tf
 
+from drkeras import stages as staging
 from drkeras.config import (
     Config,
     ConfigError,
@@ -67,6 +69,7 @@ from drkeras.config import (
     resolve_preset,
     save_config,
 )
+from drkeras.stages import Stage
 from drkeras.training import checkpoint, determinism, distribute
 from drkeras.training.callbacks import HistoryCSV, NaNGuard, TrainingDiverged
 
@@ -74,17 +77,60 @@ log = logging.getLogger("drkeras")
 
 SYNTHETIC = "synthetic"
 
+# The experiments of this repository: name -> "module:class".
+EXPERIMENTS = {
+    "pldmlt": "experiments.pldmlt:PLDMLT",
+    "mtunet": "experiments.mtunet:MTUnetExperiment",
+    "collaborative": "experiments.collaborative:Collaborative",
+    "ssl_gan": "experiments.ssl_gan:SSLGAN",
+    "cooperative": "experiments.cooperative:JointSegExperiment",
+}
+
+
+def load_experiment(name: str) -> Experiment:
+    """An instance of the experiment called ``name`` (a key of :data:`EXPERIMENTS`)."""
+    import importlib
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose among {sorted(EXPERIMENTS)}")
+    module, cls = EXPERIMENTS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+class StagedRun(Protocol):
+    """What :meth:`Experiment.prepare` returns: the run's declared stages and its report."""
+
+    def stages(self) -> Sequence[Stage]:
+        """Every stage of the run, in order, declared before any of them runs."""
+
+    def report(self) -> Sequence:
+        """After the stages: the paper's tables (``ResultsTable``), figures and export."""
+
 
 class Experiment(abc.ABC):
-    """Base class of the papers' experiments; subclasses set the attributes and ``run``."""
+    """Base class of the papers' experiments; subclasses set the attributes and ``prepare``."""
 
     name: str = ""
     title: str = ""
     presets: Mapping[str, Config] = {}
 
     @abc.abstractmethod
+    def prepare(self, ctx: RunContext) -> StagedRun:
+        """The run's stages and report (nothing may be built or trained here: the runner
+        plans from the declarations first)."""
+
     def run(self, ctx: RunContext) -> Sequence:
-        """Train, evaluate and return the paper's tables (``ResultsTable`` objects)."""
+        """Declare, plan, execute every stage through ``ctx``, then report."""
+        staged = self.prepare(ctx)
+        ctx.execute(staged.stages())
+        return staged.report()
+
+    def pretrained_weights(self, config: Config) -> list:
+        """The pretrained weight files (:class:`drkeras.weights.WeightFile`) the networks of
+        ``config`` load, each naming the config key that asks for it; none by default.
+        ``python -m drkeras.weights`` lists and downloads them, the runner checks them before
+        the first stage (:func:`drkeras.weights.ensure_available`)."""
+        return []
 
 
 class RunContext:
@@ -112,6 +158,14 @@ class RunContext:
         self.history_path = self.out_dir / "history.csv"
         self._records = {}
         self._stages = collections.Counter()
+        # Declared stages (``execute``): the current one, its live datasets, where they cache.
+        self.dry_run = 0  # steps per batch size of a dry run (0: a real run)
+        self.cache: Dict[str, Any] = {}
+        self.plan: Optional[dict] = None
+        self.dry_stages: list = []
+        self._stage: Optional[Stage] = None
+        self._live: Dict[str, Any] = {}
+        self._meter = staging.MemoryMeter()
 
     @property
     def checkpoint_dir(self) -> pathlib.Path:
@@ -156,6 +210,97 @@ class RunContext:
         self._records[dataset] = path
         return path
 
+    # ------------------------------------------------------------------ declared stages
+
+    @property
+    def stage(self) -> Optional[Stage]:
+        """The stage being executed (``None`` outside :meth:`execute`)."""
+        return self._stage
+
+    def data(self, key: str):
+        """The dataset ``key`` declared by the current stage, built on first use with the cache
+        the runner chose for it (``data.cache``) and kept until the last stage declaring it
+        ends."""
+        stage = self._stage
+        spec = next((d for d in stage.data if d.key == key), None) if stage else None
+        if spec is None:
+            where = f"stage {stage.name!r}" if stage else "no stage (ctx.execute runs stages)"
+            declared = [d.key for d in stage.data] if stage else []
+            raise KeyError(f"dataset {key!r} is not declared by {where}; declared: {declared}")
+        if key not in self._live:
+            where = self.cache.get(key, spec.cached)
+            if isinstance(where, str):
+                pathlib.Path(where).parent.mkdir(parents=True, exist_ok=True)
+            self._live[key] = spec.build(where)
+        return self._live[key]
+
+    def execute(self, declared: Sequence[Stage]) -> Dict[str, Any]:
+        """Run the declared stages in order; returns the outputs nobody consumed.
+
+        Each stage's ``run`` gets the outputs of the stages it consumes. After a stage, the
+        datasets no later stage declares are released (file caches deleted), and so are the
+        outputs no later stage consumes except the last stage's. In a dry run
+        (``self.dry_run``) only the first stage of each group trains; the others build their
+        datasets and take one batch (and stages consuming a skipped stage are skipped too).
+        """
+        staging.check_stages(declared)
+        data_last, output_last = staging.last_use(declared)
+        outputs: Dict[str, Any] = {}
+        skipped, groups = set(), set()
+        for index, stage in enumerate(declared):
+            skip = self.dry_run and (stage.group in groups or skipped & set(stage.consumes))
+            record = {"stage": stage.name, "group": stage.group, "trained": not skip}
+            gc.collect()
+            self._meter.reset()
+            before, start = self._meter.current(), time.time()
+            self._stage = stage
+            try:
+                if skip:
+                    skipped.add(stage.name)
+                    for spec in stage.data:
+                        next(iter(self.data(spec.key)))
+                    log.info("stage %s: dry run, data built, not trained (group %s ran)",
+                             stage.name, stage.group)  # fmt: skip
+                else:
+                    groups.add(stage.group)
+                    log.info("stage %s (%d/%d)", stage.name, index + 1, len(declared))
+                    inputs = {name: outputs.get(name) for name in stage.consumes}
+                    outputs[stage.name] = stage.run(inputs)
+            finally:
+                self._stage = None
+            for key in [k for k, last in data_last.items() if last == index]:
+                self._release(key)
+            for name in list(outputs):
+                if output_last.get(name, -1) <= index and name != stage.name:
+                    outputs.pop(name)
+            if stage.name not in output_last and index < len(declared) - 1:
+                outputs.pop(stage.name, None)
+            gc.collect()
+            staging.return_free_memory()
+            record.update(
+                seconds=round(time.time() - start, 2),
+                host_rss_before_gb=round(before / staging.GB, 3),
+                host_rss_peak_gb=round(self._meter.peak() / staging.GB, 3),
+                host_rss_after_gb=round(self._meter.current() / staging.GB, 3),
+            )
+            if self.dry_run:
+                self._merge_dry(stage.name, record)
+        return outputs
+
+    def _release(self, key: str) -> None:
+        self._live.pop(key, None)
+        where = self.cache.get(key)
+        if isinstance(where, str):
+            for path in pathlib.Path(where).parent.glob(pathlib.Path(where).name + "*"):
+                path.unlink(missing_ok=True)
+
+    def _merge_dry(self, stage: str, record: dict) -> None:
+        for entry in self.dry_stages:
+            if entry["stage"] == stage:
+                entry.update(record)
+                return
+        self.dry_stages.append(record)
+
     def callbacks(self, stage: str, *, tensorboard: bool = True) -> list:
         """Callbacks for one training stage: history.csv, TensorBoard and the NaN guard."""
         cbs = [HistoryCSV(self.history_path, stage), NaNGuard(stage)]
@@ -172,7 +317,7 @@ class RunContext:
         model: tf.keras.Model,
         data,
         *,
-        stage: str,
+        stage: Optional[str] = None,
         epochs: Optional[int] = None,
         steps_per_epoch: Optional[int] = None,
         callbacks: Sequence = (),
@@ -186,7 +331,8 @@ class RunContext:
             data: the training data; a ``tf.data.Dataset`` of GLOBAL batches for an exact
                 resume (a finite one is repeated, ``steps_per_epoch`` defaulting to its length;
                 see :func:`drkeras.training.checkpoint.resumable_data`).
-            stage: the stage's name: its rows in ``history.csv``, its TensorBoard folder and
+            stage: default: the name of the declared stage being executed. The name gives its
+                rows in ``history.csv``, its TensorBoard folder and
                 its checkpoints ``checkpoints/<stage>`` (characters other than letters, digits,
                 ``_.-`` become ``_``; a name used again in the same run gets ``_2``, ``_3``, ...
                 in the order of the calls).
@@ -228,7 +374,9 @@ class RunContext:
         if train.jit_compile and not model.jit_compile:
             model.jit_compile = True
         data, steps, exact = checkpoint.resumable_data(data, steps or None)
-        stage = self._unique_stage(stage)
+        stage = self._unique_stage(stage or (self._stage.name if self._stage else "stage"))
+        if self.dry_run:
+            return self._dry_fit(model, data, stage, callbacks, kwargs)
         cbs = self.callbacks(stage) + list(callbacks)
         guard = next(cb for cb in cbs if isinstance(cb, NaNGuard))
         saver = checkpoint.StageCheckpointer(
@@ -283,11 +431,93 @@ class RunContext:
         history.epoch = list(range(len(saver.history)))
         return history
 
+    def _dry_fit(self, model, data, stage: str, callbacks, kwargs):
+        """A dry run's ``fit``: ``self.dry_run`` steps at per-replica batch 1, then at 2, each
+        timed and its peak resident memory measured; the traced train step is searched for
+        ops without a deterministic GPU kernel. Nothing is checkpointed."""
+        declared = self._stage.data if self._stage else ()
+        rebatch = next((d.rebatch for d in declared if d.train and d.rebatch), None) or _rebatch
+        batches = {}
+        history = None
+        for per_replica in (1, 2):
+            stream = rebatch(data, per_replica * self.replicas)
+            timer = _StepTimer()
+            gc.collect()
+            self._meter.reset()
+            history = model.fit(
+                stream,
+                epochs=1,
+                steps_per_epoch=self.dry_run,
+                callbacks=self.callbacks(stage, tensorboard=False) + list(callbacks) + [timer],
+                verbose=self.config.train.verbose,
+                **kwargs,
+            )
+            batches[str(per_replica)] = {
+                "step_seconds": [round(t, 3) for t in timer.seconds],
+                "peak_rss_gb": round(self._meter.peak() / staging.GB, 3),
+            }
+        one, two = batches["1"]["step_seconds"], batches["2"]["step_seconds"]
+        record = {
+            "fit": stage,
+            "steps_per_batch_size": self.dry_run,
+            "trace_seconds": round(one[0] - (min(one[1:]) if len(one) > 1 else 0.0), 3),
+            "seconds_per_step": {
+                "1": min(one[1:]) if len(one) > 1 else one[0],
+                "2": min(two),
+            },
+            "batches": batches,
+            "gpu_nondeterministic_ops": [f.describe() for f in _traced_findings(model, stream)],
+        }
+        owner = self._stage.name if self._stage else stage
+        for entry in self.dry_stages:
+            if entry["stage"] == owner:
+                entry.setdefault("fits", []).append(record)
+                break
+        else:
+            self.dry_stages.append({"stage": owner, "fits": [record]})
+        return history
+
     def _unique_stage(self, stage: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stage) or "stage"
         self._stages[safe] += 1
         count = self._stages[safe]
         return safe if count == 1 else f"{safe}_{count}"
+
+
+class _StepTimer(tf.keras.callbacks.Callback):
+    """Seconds of each train step (the first includes tracing the step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+        self._start = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _rebatch(data, global_batch: int):
+    """The same examples at another global batch (a dry run's default), repeated."""
+    if not isinstance(data, tf.data.Dataset):
+        data = tf.data.Dataset.from_tensor_slices(tuple(data) if isinstance(data, list) else data)
+        return data.repeat().batch(global_batch)
+    return data.unbatch().repeat().batch(global_batch)
+
+
+def _traced_findings(model, data) -> list:
+    """Ops without a deterministic GPU kernel in the train step ``fit`` traced (traced again
+    from ``data`` when Keras kept no graph, e.g. under ``run_eagerly``)."""
+    function = getattr(model, "train_function", None)
+    graphs = []
+    if function is not None and hasattr(function, "_list_all_concrete_functions"):
+        graphs = [c.graph for c in function._list_all_concrete_functions()]
+    if not graphs:
+        return determinism.find_nondeterministic_ops(model, data)
+    names = [m.name for m in model.submodules if isinstance(m, tf.keras.layers.Layer)]
+    return [f for g in graphs for f in determinism.find_in_graph(g, names)]
 
 
 def resolve_determinism(setting: str) -> bool:
@@ -368,6 +598,23 @@ def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
         help="delete the run directory's checkpoints and history and start over (without it, "
         "the same command resumes an interrupted run)",
     )
+    parser.add_argument(
+        "--dry-run",
+        nargs="?",
+        type=int,
+        const=2,
+        default=0,
+        metavar="N",
+        help="execute every stage of the preset for N steps (default 2) at per-replica batches 1 "
+        "and 2, on small synthetic data at the preset's resolution (or --data), then its "
+        "evaluation, tables and export; writes <out>/dry_run.json beside plan.json",
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="replace every pretrained weight file by random initialisation (offline dry runs; "
+        "the results then say nothing about the paper)",
+    )
     drkeras.startup.add_verbose_flag(parser)
     return parser
 
@@ -376,6 +623,14 @@ def resolve_config(experiment: Experiment, args: argparse.Namespace) -> Config:
     """The run's config: preset, then ``--set`` overrides, then the dedicated flags."""
     config = resolve_preset(experiment.presets, args.preset, args.overrides)
     flags = [f"data.source={args.data}"]
+    if getattr(args, "dry_run", 0):
+        data = config.data
+        flags += [
+            f"data.synthetic_size={max(data.synthetic_size, data.image_size)}",
+            "train.keep_checkpoints=none",
+        ]
+        if args.data != SYNTHETIC and not data.max_examples:
+            flags.append(f"data.max_examples={DRY_RUN_REAL_EXAMPLES}")
     if args.strategy:
         flags.append(f"distribute.strategy={args.strategy}")
     if args.seed is not None:
@@ -383,8 +638,78 @@ def resolve_config(experiment: Experiment, args: argparse.Namespace) -> Config:
     return apply_overrides(config, flags)
 
 
+# A dry run on real records reads at most this many examples per split (unless set).
+DRY_RUN_REAL_EXAMPLES = 32
+
+
+def _machine(config: Config, replicas: int, dry_run: bool) -> staging.Machine:
+    """What the plan is checked against: this machine's RAM, and the accelerator memory of
+    ``train.accelerator_memory_gb``, of the detected GPU, or (dry runs on a machine without
+    GPUs) of ``train.accelerator``, for ``train.accelerators`` devices."""
+    train = config.train
+    host = staging.machine_memory_bytes()
+    accel_gb = train.accelerator_memory_gb or _detected_gpu_memory_gb()
+    if not accel_gb and dry_run:
+        accel_gb = staging.ACCELERATORS[train.accelerator]["memory_gb"]
+    budget = (
+        int(config.data.host_memory_gb * staging.GB)
+        if config.data.host_memory_gb
+        else staging.default_host_budget(host)
+    )
+    return staging.Machine(
+        host_bytes=host,
+        accelerator=train.accelerator,
+        accelerator_bytes=int(accel_gb * staging.GB),
+        replicas=train.accelerators or replicas,
+        mixed_precision=train.mixed_precision,
+        cache_budget_bytes=budget,
+    )
+
+
+def _detected_gpu_memory_gb() -> float:
+    """Memory of the first visible GPU from ``nvidia-smi`` (0 without one)."""
+    if not tf.config.list_physical_devices("GPU") or not shutil.which("nvidia-smi"):
+        return 0.0
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.split()
+        return float(out[0]) / 1024 if out else 0.0
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0.0
+
+
+def plan_stages(
+    ctx: RunContext, declared: Sequence[Stage], machine: staging.Machine, *, networks: bool = True
+) -> dict:
+    """Plan ``declared`` (building each network once), choose the caches, write
+    ``plan.json`` and log the plan table; returns the plan. ``networks=False`` plans the data
+    side only (host RAM of caches and buffers; networks count zero)."""
+    staging.check_stages(declared)
+    ctx.cache = staging.cache_plan(
+        declared, ctx.config.data.cache, machine.cache_budget_bytes, ctx.out_dir / "cache"
+    )
+    if networks:
+        figures = staging.figures_of(declared)
+    else:
+        zero = staging.NetFigures(0, 0, 0, 0)
+        figures = {net.name: zero for stage in declared for net in stage.nets}
+    plan = staging.plan_run(declared, figures, ctx.cache, machine)
+    checkpoint.write_json_atomic(ctx.out_dir / "plan.json", plan)
+    log.info("resource plan (%s):\n%s", ctx.out_dir / "plan.json", staging.format_plan(plan))
+    ctx.plan = plan
+    return plan
+
+
 def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
     """Run ``experiment`` from the command line; returns the process exit code."""
+    from drkeras import weights
     from drkeras.results import write_results
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -392,6 +717,11 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = resolve_config(experiment, args)
+        if args.random_weights:
+            files = experiment.pretrained_weights(config)
+            config = apply_overrides(config, weights.random_weight_overrides(experiment, config))
+            if files:
+                log.warning(weights.random_weights_warning(files))
     except ConfigError as err:
         parser.error(str(err))
     if config.data.source != SYNTHETIC and not pathlib.Path(config.data.source).is_dir():
@@ -447,13 +777,30 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
         out_dir,
     )
     ctx = RunContext(config, out_dir, strategy, role)
+    ctx.dry_run = args.dry_run
     start = time.time()
     try:
-        tables = experiment.run(ctx)
+        weights.ensure_available(
+            experiment, config, preset=args.preset, overrides=args.overrides, log=log.info
+        )
+        staged = experiment.prepare(ctx)
+        declared = list(staged.stages())
+        machine = _machine(config, strategy.num_replicas_in_sync, bool(args.dry_run))
+        plan_stages(ctx, declared, machine)
+        if not args.dry_run:
+            staging.check_plan(ctx.plan, machine)
+        # Planning built every network once: start the stages from the run's seed again.
+        distribute.seed_everything(config.seed, deterministic=deterministic)
+        ctx.execute(declared)
+        tables = staged.report()
     except TrainingDiverged as err:
         print(f"error: training diverged: {err}", file=sys.stderr)
         return 3
-    except determinism.NondeterministicOps as err:
+    except (
+        determinism.NondeterministicOps,
+        staging.PlanExceeded,
+        weights.MissingWeights,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
@@ -462,6 +809,8 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
         if not previous_rng:
             tf.keras.backend.experimental.disable_tf_random_generator()
     csv_path, md_path = write_results(tables, out_dir)
+    if args.dry_run:
+        _write_dry_run(ctx, experiment, args.preset, time.time() - start)
     if config.train.keep_checkpoints == "none":
         shutil.rmtree(ctx.checkpoint_dir, ignore_errors=True)
         log.info(
@@ -475,6 +824,50 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
         f"and {md_path}"
     )
     return 0
+
+
+def _write_dry_run(ctx: RunContext, experiment: Experiment, preset: str, seconds: float) -> None:
+    """``dry_run.json``: per stage what the dry run measured, beside the plan's figures, and
+    time and peak memory extrapolated linearly from per-replica batches 1 and 2 to the
+    preset's per-replica batch (on this machine)."""
+    planned = {row["stage"]: row for row in (ctx.plan or {}).get("stages", [])}
+    stages_out = []
+    for entry in ctx.dry_stages:
+        row = planned.get(entry["stage"], {})
+        target = row.get("per_replica_batch", 1)
+        out = dict(entry)
+        out["planned"] = {
+            k: row.get(k)
+            for k in ("parameters", "flops_per_step", "per_replica_batch", "host_ram_gb",
+                      "accelerator_gb_per_replica", "activation_mb_per_example")
+        }  # fmt: skip
+        for fit in entry.get("fits", []):
+            b1, b2 = fit["batches"]["1"], fit["batches"]["2"]
+            per_example = b2["peak_rss_gb"] - b1["peak_rss_gb"]
+            t1, t2 = fit["seconds_per_step"]["1"], fit["seconds_per_step"]["2"]
+            fit["measured_mb_per_example"] = round(per_example * 1024, 1)
+            fit["extrapolated_to_batch"] = {
+                "per_replica_batch": target,
+                "peak_rss_gb": round(b1["peak_rss_gb"] + (target - 1) * per_example, 2),
+                "seconds_per_step": round(t1 + (target - 1) * (t2 - t1), 3),
+            }
+            if row.get("activation_mb_per_example"):
+                fit["measured_over_planned_activations"] = round(
+                    fit["measured_mb_per_example"] / row["activation_mb_per_example"], 2
+                )
+        stages_out.append(out)
+    missing = [name for name in planned if name not in {s["stage"] for s in stages_out}]
+    payload = {
+        "experiment": experiment.name,
+        "preset": preset,
+        "steps_per_batch_size": ctx.dry_run,
+        "seconds": round(seconds, 1),
+        "replicas": ctx.replicas,
+        "stages": stages_out,
+        "declared_stages_not_reached": missing,
+    }
+    path = checkpoint.write_json_atomic(ctx.out_dir / "dry_run.json", payload)
+    log.info("dry run: %d stages in %.0f s; %s", len(stages_out), seconds, path)
 
 
 # Settings that may change between a run and its resumption.

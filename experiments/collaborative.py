@@ -71,7 +71,8 @@ Fidelity table (every equation, stage, setting and table row against the code):
 import dataclasses
 import logging
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import zlib
+from typing import Callable, Dict, List, Optional, Tuple
 
 import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
 
@@ -94,6 +95,7 @@ from drkeras.plots import (
     save_figure,
 )
 from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
 from drkeras.training.adversarial import CollaborativeTrainer, GeneratorPretrainer
 from drkeras.training.optim import build_optimizer
 
@@ -309,9 +311,31 @@ def _tables(config: Config) -> Dict[str, ResultsTable]:
 
 # ------------------------------------------------------------------------------ the run
 
+# Examples each training stream's shuffle buffer holds (the pipelines' default; the mixed stream
+# shuffles its pixel-level and its image-level stream, each with a buffer of this size).
+SHUFFLE_BUFFER = 256
+
 
 class _Run:
-    """One execution of :class:`Collaborative` (models, data and tables of the run)."""
+    """One execution of :class:`Collaborative`: its declared stages and its report.
+
+    :meth:`stages` declares, before anything is built, every stage of the run (the networks it
+    trains or evaluates, the datasets it reads through ``ctx.data``, its steps, epochs and batch,
+    the earlier outputs it consumes); :meth:`report` fills what is left after them (Table 3,
+    Fig. 4, Fig. 5, the export and the training curves). In order:
+
+    - ``pretrain_ce1``, ``pretrain_ce2``: the generators of stage 1, each evaluated on IDRiD's
+      segmentation test set (Table 3 rows CE1, CE2); ``pretrain_ce2`` returns ``G``'s weights.
+    - per image-level dataset ``D`` of ``method.datasets``: ``D_ori`` (returns the base
+      grader's weights), ``D_lesion_pretrained``, ``D_semi``, ``D_semi_adv``, each consuming
+      ``pretrain_ce2`` and ``D_ori`` (not the first), each grading ``D``'s test set (and
+      Messidor for EyePACS) for its Table 1 (and Table 2) row; IDRiD's semi-supervised stages
+      also evaluate their generator (Table 3 rows CE2+Semi, CE2+Semi+Adv).
+
+    What outlives a stage for the report is small: the per-lesion pixel curves (fixed-size
+    histograms), the ``method.fig4_images`` Fig. 4 images with their masks and predictions, and
+    the weights of the exported Semi+Adv model (IDRiD's, or the first dataset's without IDRiD).
+    """
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -324,8 +348,14 @@ class _Run:
         self.width = float(self.config.model.width)
         self._check()
         self.tables = _tables(self.config)
-        self._datasets: Dict[tuple, tf.data.Dataset] = {}
-        self._pool: Dict[tuple, Tuple[keras.Model, Optional[list]]] = {}
+        # The Semi+Adv model exported (and shown in Fig. 4): IDRiD's, as today's paper figure.
+        self.final_dataset = "idrid" if "idrid" in self.method.datasets else self.method.datasets[0]
+        self._counts: Dict[tuple, int] = {}
+        # For the report: Table 3's curves per row, Fig. 4's images and predictions, and the
+        # weights (generator, attentive grader) of the exported model.
+        self._curves: Dict[str, metrics.PerLesionCurves] = {}
+        self._fig4: Dict[str, np.ndarray] = {}
+        self._final: Optional[Tuple[list, list]] = None
 
     def _check(self) -> None:
         method = self.method
@@ -356,29 +386,43 @@ class _Run:
     def _optimizer(self, name: str):
         return build_optimizer(self.config.optimizers[name])
 
+    def _slots(self, name: str) -> str:
+        """The optimizer kind of network ``name`` for the plan (its slots per weight)."""
+        kind = self.config.optimizers[name].name
+        return kind if kind in ("adam", "sgd", "rmsprop") else "adam"
+
     def _steps(self, count: int, batch: int) -> int:
         steps = self.config.train.steps_per_epoch
         return int(steps) if steps else max(1, math.ceil(count / batch))
 
-    def _count(self, records_dir, split: str, *, pixel: bool) -> int:
-        labels = pipeline.read_labels(records_dir, split)
-        if pixel:
-            index = [keys.LESIONS.index(lesion) for lesion in self.lesions]
-            n = int(labels[keys.MASK_PRESENT][:, index].any(axis=1).sum())
-        else:
-            grades = labels[keys.GRADE]
-            n = int(((grades >= 0) & (grades < self.config.model.num_grades)).sum())
-        if self.data.max_examples:
-            n = min(n, self.data.max_examples)
-        if n == 0:
+    def _count(self, dataset: str, split: str, *, pixel: bool, required: bool = True) -> int:
+        """Examples of ``split`` (``+``-joined splits summed) with masks of ``self.lesions``
+        (``pixel``) or with a grade the models know, read from the records' labels; each split
+        capped at ``data.max_examples`` as the pipelines cap it. ``required``: none is an error
+        naming the records and the split."""
+        key = (dataset, split, pixel)
+        if key not in self._counts:
+            records_dir = self.ctx.records(dataset)
+            total = 0
+            for name in pipeline.split_names(split):
+                labels = pipeline.read_labels(records_dir, name)
+                if pixel:
+                    index = [keys.LESIONS.index(lesion) for lesion in self.lesions]
+                    n = int(labels[keys.MASK_PRESENT][:, index].any(axis=1).sum())
+                else:
+                    grades = labels[keys.GRADE]
+                    n = int(((grades >= 0) & (grades < self.config.model.num_grades)).sum())
+                if self.data.max_examples:
+                    n = min(n, self.data.max_examples)
+                total += n
+            self._counts[key] = total
+        n = self._counts[key]
+        if required and n == 0:
             kind = "lesion masks" if pixel else "DR grades"
-            raise ValueError(f"{records_dir} split {split!r} has no image with {kind}")
+            raise ValueError(
+                f"{self.ctx.records(dataset)} split {split!r} has no image with {kind}"
+            )
         return n
-
-    def _dataset(self, key: tuple, build: Callable[[], tf.data.Dataset]) -> tf.data.Dataset:
-        if key not in self._datasets:
-            self._datasets[key] = build()
-        return self._datasets[key]
 
     def _outputs(self, model: keras.Model, images) -> Dict[str, np.ndarray]:
         out = (
@@ -393,95 +437,79 @@ class _Run:
             alpha=self.method.focal_alpha, gamma=self.method.focal_gamma
         )
 
-    def _fit(self, model, data, stage: str, *, epochs: int, count: int, batch: int):
-        return self.ctx.fit(
-            model, data, stage=stage, epochs=epochs, steps_per_epoch=self._steps(count, batch)
-        )
-
     # -------------------------------------------------------------------------- data
 
-    def _seg_train(self, batch: int) -> tf.data.Dataset:
-        idrid = self.ctx.records("idrid")
-        return self._dataset(
-            ("seg_train", batch),
-            lambda: pipeline.segmentation_dataset(
-                idrid,
-                "train",
-                size=self.size,
-                batch_size=batch,
-                lesions=self.lesions,
-                augment=self.data.augment,
-                augment_params=COLLABORATIVE_AUGMENT,
-                repeat=True,
-                seed=self.config.seed,
-                max_examples=self.data.max_examples,
-                **self._preprocess(),
-            ),
+    def _seg_train(self, batch: int, cache=False) -> tf.data.Dataset:
+        return pipeline.segmentation_dataset(
+            self.ctx.records("idrid"),
+            "train",
+            size=self.size,
+            batch_size=batch,
+            lesions=self.lesions,
+            augment=self.data.augment,
+            augment_params=COLLABORATIVE_AUGMENT,
+            shuffle_buffer=SHUFFLE_BUFFER,
+            repeat=True,
+            seed=self.config.seed,
+            cache=cache,
+            max_examples=self.data.max_examples,
+            **self._preprocess(),
         )
 
-    def _seg_test(self) -> tf.data.Dataset:
-        idrid = self.ctx.records("idrid")
-        return self._dataset(
-            ("seg_test",),
-            lambda: pipeline.segmentation_dataset(
-                idrid,
-                "test",
-                size=self.size,
-                batch_size=self.data.batch_size,
-                lesions=self.lesions,
-                shuffle=False,
-                max_examples=self.data.max_examples,
-                **self._preprocess(),
-            ),
+    def _seg_test(self, cache=False) -> tf.data.Dataset:
+        return pipeline.segmentation_dataset(
+            self.ctx.records("idrid"),
+            "test",
+            size=self.size,
+            batch_size=self.data.batch_size,
+            lesions=self.lesions,
+            shuffle=False,
+            cache=cache,
+            max_examples=self.data.max_examples,
+            **self._preprocess(),
         )
 
-    def _grade_train(self, dataset: str, batch: int) -> tf.data.Dataset:
-        records = self.ctx.records(dataset)
+    def _grade_train(self, dataset: str, batch: int, cache=False) -> tf.data.Dataset:
         num_grades = self.config.model.num_grades
-
-        def build():
-            ds = pipeline.grading_dataset(
-                records,
-                "train",
-                size=self.size,
-                batch_size=batch,
-                num_classes=num_grades,
-                augment=self.data.augment,
-                augment_params=COLLABORATIVE_AUGMENT,
-                repeat=True,
-                seed=self.config.seed,
-                max_examples=self.data.max_examples,
-                **self._preprocess(),
-            )
-            return ds.map(
-                lambda image, grade: (image, {keys.GRADE_PROBS: tf.one_hot(grade, num_grades)})
-            )
-
-        return self._dataset(("grade_train", dataset, batch), build)
+        ds = pipeline.grading_dataset(
+            self.ctx.records(dataset),
+            "train",
+            size=self.size,
+            batch_size=batch,
+            num_classes=num_grades,
+            augment=self.data.augment,
+            augment_params=COLLABORATIVE_AUGMENT,
+            shuffle_buffer=SHUFFLE_BUFFER,
+            repeat=True,
+            seed=self.config.seed,
+            cache=cache,
+            max_examples=self.data.max_examples,
+            **self._preprocess(),
+        )
+        return ds.map(
+            lambda image, grade: (image, {keys.GRADE_PROBS: tf.one_hot(grade, num_grades)})
+        )
 
     def test_split(self, dataset: str) -> str:
         """The split(s) a dataset is tested on: EyePACS' Public + Private test images (section
         4.1's 53,576) by default, the ``test`` split of IDRiD's grading set and of Messidor."""
         return self.method.eyepacs_test_split if dataset == "eyepacs" else "test"
 
-    def _grade_test(self, dataset: str, split: str) -> tf.data.Dataset:
-        records = self.ctx.records(dataset)
-        return self._dataset(
-            ("grade_test", dataset, split),
-            lambda: pipeline.evaluation_dataset(
-                pipeline.grading_dataset,
-                records,
-                split,
-                size=self.size,
-                batch_size=self.data.batch_size,
-                num_classes=self.config.model.num_grades,
-                shuffle=False,
-                max_examples=self.data.max_examples,
-                **self._preprocess(),
-            ),
+    def _grade_test(self, dataset: str, split: str, cache=False) -> tf.data.Dataset:
+        """The test images of ``dataset`` in ``split`` order."""
+        kwargs = dict(
+            size=self.size,
+            batch_size=self.data.batch_size,
+            num_classes=self.config.model.num_grades,
+            shuffle=False,
+            max_examples=self.data.max_examples,
+            **self._preprocess(),
+        )
+        return pipeline.evaluation_dataset(
+            pipeline.grading_dataset, self.ctx.records(dataset), split, cache=cache, **kwargs
         )
 
-    def _mixed_train(self, dataset: str) -> tf.data.Dataset:
+    def _mixed_train(self, dataset: str, cache=False) -> tf.data.Dataset:
         """Pixel-level IDRiD images and the image-level images of ``dataset`` in each batch."""
         idrid = self.ctx.records("idrid")
         options = {}
@@ -494,120 +522,210 @@ class _Run:
                 "image_level_dir": self.ctx.records(dataset),
                 "exclude_ids": [str(i) for i in labels[keys.ID][no_masks]],
             }
-        return self._dataset(
-            ("mixed", dataset),
-            lambda: pipeline.mixed_dataset(
-                idrid,
-                "train",
-                pixel_fraction=self.method.pixel_fraction,
-                size=self.size,
-                batch_size=self.data.batch_size,
-                lesions=self.lesions,
-                augment=self.data.augment,
-                augment_params=COLLABORATIVE_AUGMENT,
-                repeat=True,
-                seed=self.config.seed,
-                max_examples=self.data.max_examples,
-                **options,
-                **self._preprocess(),
-            ),
+        return pipeline.mixed_dataset(
+            idrid,
+            "train",
+            pixel_fraction=self.method.pixel_fraction,
+            size=self.size,
+            batch_size=self.data.batch_size,
+            lesions=self.lesions,
+            augment=self.data.augment,
+            augment_params=COLLABORATIVE_AUGMENT,
+            shuffle_buffer=SHUFFLE_BUFFER,
+            repeat=True,
+            seed=self.config.seed,
+            cache=cache,
+            max_examples=self.data.max_examples,
+            **options,
+            **self._preprocess(),
+        )
+
+    # The datasets as the stages declare them (same key, same sizes in every stage using one).
+
+    def _seg_train_data(self) -> Data:
+        batch = self.method.pretrain_seg_batch
+        return Data(
+            f"idrid_seg_train_b{batch}",
+            build=lambda cache: self._seg_train(batch, cache),
+            examples=self._count("idrid", "train", pixel=True),
+            size=self.size,
+            masks=len(self.lesions),
+            shuffle_buffer=SHUFFLE_BUFFER,
+            batch=batch,
+            train=True,
+        )
+
+    def _seg_test_data(self) -> Data:
+        # Held besides the pipeline: Fig. 4's images (float32), masks and two predictions.
+        fig4 = self.method.fig4_images * self.size**2 * 4 * (3 + 3 * len(self.lesions))
+        return Data(
+            "idrid_seg_test",
+            build=lambda cache: self._seg_test(cache),
+            examples=self._count("idrid", "test", pixel=True, required=False),
+            size=self.size,
+            masks=len(self.lesions),
+            batch=self.data.batch_size,
+            held_bytes=fig4,
+        )
+
+    def _grade_train_data(self, dataset: str, batch: int) -> Data:
+        return Data(
+            f"{dataset}_grade_train_b{batch}",
+            build=lambda cache: self._grade_train(dataset, batch, cache),
+            examples=self._count(dataset, "train", pixel=False),
+            size=self.size,
+            shuffle_buffer=SHUFFLE_BUFFER,
+            batch=batch,
+            train=True,
+        )
+
+    def _grade_test_data(self, dataset: str) -> Data:
+        split = self.test_split(dataset)
+        examples = self._count(dataset, split, pixel=False, required=False)
+        return Data(
+            f"{dataset}_grade_test",
+            build=lambda cache: self._grade_test(dataset, split, cache),
+            examples=examples,
+            size=self.size,
+            batch=self.data.batch_size,
+            # Held while a row is scored: its grade probabilities (float32) and grades (int64).
+            held_bytes=examples * (4 * self.config.model.num_grades + 8),
+        )
+
+    def _mixed_data(self, dataset: str) -> Data:
+        # As the steps count them: IDRiD's pixel-level training images, and the image-level
+        # ones (IDRiD's graded training images, or those of the other dataset); every cached
+        # example carries its mask channels (zero for image-level examples).
+        examples = self._count("idrid", "train", pixel=True) + self._count(
+            dataset, "train", pixel=False
+        )
+        return Data(
+            f"{dataset}_mixed",
+            build=lambda cache: self._mixed_train(dataset, cache),
+            examples=examples,
+            size=self.size,
+            masks=len(self.lesions),
+            shuffle_buffer=2 * SHUFFLE_BUFFER,
+            batch=self.data.batch_size,
+            train=True,
         )
 
     # -------------------------------------------------------------------------- models
 
-    def _net(self, key: tuple, build: Callable[[], keras.Model]) -> keras.Model:
-        """Each network is built once (in the strategy scope) and handed out again at its
-        initial weights: building these many-layer functional models costs seconds each on a
-        CPU, and every row then starts from the same initialisation."""
-        if key in self._pool:
-            model, initial = self._pool[key]
-            model.set_weights(initial)
-        else:
-            with self.ctx.strategy.scope():
-                model = build()
-            self._pool[key] = (model, model.get_weights())
-        model.trainable = True
+    def _seeded(self, key: str, build: Callable[[], keras.Model]) -> keras.Model:
+        """Build a network in the strategy scope from a seed of its own (the run's seed and
+        ``key``): every stage builds what it trains, and every row starting from a network of
+        the same key starts from the same initialisation."""
+        tf.keras.utils.set_random_seed(zlib.crc32(f"{self.config.seed}:{key}".encode()) % 2**31)
+        with self.ctx.strategy.scope():
+            model = build()
         return model
 
     def _common(self) -> dict:
         # Synchronised batch norm only when there are several replicas (see conv_tuple).
         return {
             "width": self.width,
-            "sync_batchnorm": self.ctx.replicas > 1,
+            "sync_batchnorm": self.ctx.strategy.num_replicas_in_sync > 1,
             "bn_momentum": self.method.bn_momentum,
         }
 
-    def _generator(self, separable: bool = True, weights=None) -> keras.Model:
-        generator = self._net(
-            ("generator", separable),
-            lambda: nets.build_xception_unet(
-                input_shape=self.shape,
-                num_lesions=len(self.lesions),
-                widths=self.method.generator_widths,
-                separable=separable,
-                name="generator_ce2" if separable else "generator_ce1",
-                **self._common(),
-            ),
+    def _build_generator(self, separable: bool) -> keras.Model:
+        return nets.build_xception_unet(
+            input_shape=self.shape,
+            num_lesions=len(self.lesions),
+            widths=self.method.generator_widths,
+            separable=separable,
+            name="generator_ce2" if separable else "generator_ce1",
+            **self._common(),
         )
+
+    def _build_base_grader(self) -> keras.Model:
+        return nets.build_base_grader(
+            input_shape=self.shape,
+            num_grades=self.config.model.num_grades,
+            low_channels=self.method.grader_low_channels,
+            widths=self.method.grader_widths,
+            dropout=self.config.model.dropout,
+            **self._common(),
+        )
+
+    def _build_attentive(self, base: keras.Model, attention: bool) -> keras.Model:
+        return nets.build_lesion_attentive_grader(
+            base,
+            num_lesions=len(self.lesions),
+            attention=attention,
+            fusion_units=self.method.fusion_units,
+            width=self.width,
+            dropout=self.config.model.dropout,
+        )
+
+    def _build_discriminator(self) -> keras.Model:
+        return nets.build_discriminator(
+            input_shape=self.shape,
+            num_lesions=len(self.lesions),
+            widths=self.method.discriminator_widths,
+            **self._common(),
+        )
+
+    def _generator(self, separable: bool = True, weights=None) -> keras.Model:
+        generator = self._seeded(f"generator_{separable}", lambda: self._build_generator(separable))
         if weights is not None:
             generator.set_weights(weights)
         return generator
 
     def _base_grader(self) -> keras.Model:
-        return self._net(
-            ("base",),
-            lambda: nets.build_base_grader(
-                input_shape=self.shape,
-                num_grades=self.config.model.num_grades,
-                low_channels=self.method.grader_low_channels,
-                widths=self.method.grader_widths,
-                dropout=self.config.model.dropout,
-                **self._common(),
-            ),
-        )
+        return self._seeded("base", self._build_base_grader)
 
-    def _attentive(self, attention: bool, base_weights) -> keras.Model:
-        """The lesion attentive grader (or the mask-weighted one) on the pre-trained base."""
+    def _attentive(self, attention: bool, base_weights=None) -> keras.Model:
+        """The lesion attentive grader (or the mask-weighted one) on a base grader holding
+        ``base_weights`` (the pre-trained "Ori" base)."""
         base = self._base_grader()
-        grader = self._net(
-            ("attentive", attention),
-            lambda: nets.build_lesion_attentive_grader(
-                base,
-                num_lesions=len(self.lesions),
-                attention=attention,
-                fusion_units=self.method.fusion_units,
-                width=self.width,
-                dropout=self.config.model.dropout,
-            ),
+        grader = self._seeded(
+            f"attentive_{attention}", lambda: self._build_attentive(base, attention)
         )
-        # After the reset of the grader (which shares the base's layers): the base's weights.
-        base.set_weights(base_weights)
+        if base_weights is not None:
+            base.set_weights(base_weights)
         return grader
 
     def _discriminator(self) -> keras.Model:
-        return self._net(
-            ("discriminator",),
-            lambda: nets.build_discriminator(
-                input_shape=self.shape,
-                num_lesions=len(self.lesions),
-                widths=self.method.discriminator_widths,
-                **self._common(),
-            ),
+        return self._seeded("discriminator", self._build_discriminator)
+
+    def _inference(self, generator: keras.Model, grader: keras.Model) -> keras.Model:
+        """``image -> G -> C`` (no weights of its own)."""
+        with self.ctx.strategy.scope():
+            return nets.build_collaborative_model(generator, grader)
+
+    # The networks as the stages declare them (for the plan: built once each, random weights).
+
+    def _generator_net(self, separable: bool, trainable: bool = True) -> Net:
+        return Net(
+            "generator_ce2" if separable else "generator_ce1",
+            build=lambda: self._build_generator(separable),
+            trainable=trainable,
+            optimizer=self._slots("generator"),
         )
 
-    def _inference(self, generator: keras.Model, attention: bool) -> keras.Model:
-        """``image -> G -> C`` over the pooled networks (no weights of its own)."""
-        key = ("inference", attention)
-        if key not in self._pool:
-            grader = self._pool[("attentive", attention)][0]
-            with self.ctx.strategy.scope():
-                model = nets.build_collaborative_model(generator, grader)
-            self._pool[key] = (model, None)
-        return self._pool[key][0]
+    def _base_net(self) -> Net:
+        return Net("base_grader", build=self._build_base_grader, optimizer=self._slots("grader"))
+
+    def _grader_net(self, attention: bool) -> Net:
+        # The whole grader: the base's shared layers and the (attention) head.
+        return Net(
+            "grader_attentive" if attention else "grader_mask_weighted",
+            build=lambda: self._build_attentive(self._build_base_grader(), attention),
+            optimizer=self._slots("grader"),
+        )
+
+    def _discriminator_net(self) -> Net:
+        return Net(
+            "discriminator",
+            build=self._build_discriminator,
+            optimizer=self._slots("discriminator"),
+        )
 
     # -------------------------------------------------------------------------- training
 
-    def pretrain_generator(self, separable: bool) -> keras.Model:
+    def pretrain_generator(self, separable: bool, data: Data) -> keras.Model:
         """Stage 1 of ``G``: ``L_CE`` on IDRiD's pixel-level training images."""
         generator = self._generator(separable)
         with self.ctx.strategy.scope():
@@ -615,19 +733,15 @@ class _Run:
             trainer.compile(
                 g_optimizer=self._optimizer("generator"), run_eagerly=self.method.run_eagerly
             )
-        batch = self.method.pretrain_seg_batch
-        count = self._count(self.ctx.records("idrid"), "train", pixel=True)
-        self._fit(
+        self.ctx.fit(
             trainer,
-            self._seg_train(batch),
-            "pretrain_ce2" if separable else "pretrain_ce1",
+            self.ctx.data(data.key),
             epochs=self.method.pretrain_seg_epochs,
-            count=count,
-            batch=batch,
+            steps_per_epoch=self._steps(data.examples, data.batch),
         )
         return generator
 
-    def pretrain_grader(self, dataset: str) -> keras.Model:
+    def pretrain_grader(self, dataset: str, data: Data) -> keras.Model:
         """Stage 1 of ``C`` ("Ori"): the base grading CNN with ``L_Cls`` on ``dataset``."""
         base = self._base_grader()
         with self.ctx.strategy.scope():
@@ -636,22 +750,19 @@ class _Run:
                 loss={keys.GRADE_PROBS: self._focal()},
                 run_eagerly=self.method.run_eagerly,
             )
-        batch = self.method.pretrain_grade_batch
-        self._fit(
+        self.ctx.fit(
             base,
-            self._grade_train(dataset, batch),
-            f"{dataset}_{STAGES['Ori']}",
+            self.ctx.data(data.key),
             epochs=self.method.pretrain_grade_epochs,
-            count=self._count(self.ctx.records(dataset), "train", pixel=False),
-            batch=batch,
+            steps_per_epoch=self._steps(data.examples, data.batch),
         )
         return base
 
-    def train_mask_weighted(self, dataset, generator_weights, base_weights) -> keras.Model:
+    def train_mask_weighted(self, data: Data, generator_weights, base_weights) -> keras.Model:
         """ "Lesion(Pretrained)": frozen ``G``'s masks weight ``f_low``; only ``C`` trains."""
         generator = self._generator(True, generator_weights)
-        self._attentive(False, base_weights)
-        model = self._inference(generator, attention=False)
+        grader = self._attentive(False, base_weights)
+        model = self._inference(generator, grader)
         generator.trainable = False
         with self.ctx.strategy.scope():
             model.compile(
@@ -659,21 +770,19 @@ class _Run:
                 loss={keys.GRADE_PROBS: self._focal()},
                 run_eagerly=self.method.run_eagerly,
             )
-        batch = self.data.batch_size
-        self._fit(
+        self.ctx.fit(
             model,
-            self._grade_train(dataset, batch),
-            f"{dataset}_{STAGES['Lesion(Pretrained)']}",
+            self.ctx.data(data.key),
             epochs=self.config.train.epochs,
-            count=self._count(self.ctx.records(dataset), "train", pixel=False),
-            batch=batch,
+            steps_per_epoch=self._steps(data.examples, data.batch),
         )
         return model
 
     def train_collaborative(
-        self, dataset, generator_weights, base_weights, *, adversarial: bool
-    ) -> Tuple[keras.Model, keras.Model]:
-        """Stage 2 ("Lesion(Semi)" / "Lesion(Semi+Adv)"); returns (generator, inference model)."""
+        self, data: Data, generator_weights, base_weights, *, adversarial: bool
+    ) -> Tuple[keras.Model, keras.Model, keras.Model]:
+        """Stage 2 ("Lesion(Semi)" / "Lesion(Semi+Adv)") on the mixed stream ``data``;
+        returns (generator, attentive grader, inference model)."""
         generator = self._generator(True, generator_weights)
         grader = self._attentive(True, base_weights)
         discriminator = self._discriminator() if adversarial else None
@@ -688,30 +797,136 @@ class _Run:
                 focal_gamma=self.method.focal_gamma,
                 run_eagerly=self.method.run_eagerly,
             )
-        row = "Lesion(Semi+Adv)" if adversarial else "Lesion(Semi)"
-        idrid = self.ctx.records("idrid")
-        count = self._count(idrid, "train", pixel=True)
-        if dataset == "idrid":
-            count = self._count(idrid, "train", pixel=False) + count
-        else:
-            count += self._count(self.ctx.records(dataset), "train", pixel=False)
-        self._fit(
+        self.ctx.fit(
             trainer,
-            self._mixed_train(dataset),
-            f"{dataset}_{STAGES[row]}",
+            self.ctx.data(data.key),
             epochs=self.config.train.epochs,
-            count=count,
-            batch=self.data.batch_size,
+            steps_per_epoch=self._steps(data.examples, data.batch),
         )
-        return generator, self._inference(generator, attention=True)
+        return generator, grader, self._inference(generator, grader)
+
+    # -------------------------------------------------------------------------- stages
+
+    def stages(self) -> List[Stage]:
+        """Every stage of the run, in order (see the class docstring); reads labels only."""
+        declared = [self._pretrain_stage(False), self._pretrain_stage(True)]
+        for dataset in self.method.datasets:
+            declared += self._dataset_stages(dataset)
+        return declared
+
+    def _pretrain_stage(self, separable: bool) -> Stage:
+        name = "pretrain_ce2" if separable else "pretrain_ce1"
+        row = "CE2(Xception)" if separable else "CE1(Conv)"
+        train = self._seg_train_data()
+
+        def run(inputs):
+            generator = self.pretrain_generator(separable, train)
+            self._curves[row] = self.segmentation_curves(generator)
+            if not separable:
+                return None
+            self._fig4_images()
+            self._fig4["before"] = self._fig4_predictions(generator)
+            return generator.get_weights()
+
+        return Stage(
+            name,
+            run=run,
+            nets=[self._generator_net(separable)],
+            data=[train, self._seg_test_data()],
+            steps=self._steps(train.examples, train.batch),
+            epochs=self.method.pretrain_seg_epochs,
+            batch=train.batch,
+        )
+
+    def _dataset_stages(self, dataset: str) -> List[Stage]:
+        """The four Table 1 rows of ``dataset``, each trained and graded in its own stage."""
+        ori, pretrained, semi, semi_adv = (f"{dataset}_{STAGES[row]}" for row in GRADING_ROWS)
+        evaluation = [self._grade_test_data(dataset)]
+        if dataset == "eyepacs" and "table2" in self.tables:
+            evaluation.append(self._grade_test_data("messidor"))
+        grade_ori = self._grade_train_data(dataset, self.method.pretrain_grade_batch)
+        grade_tune = self._grade_train_data(dataset, self.data.batch_size)
+        mixed = self._mixed_data(dataset)
+        seg_test = [self._seg_test_data()] if dataset == "idrid" else []
+        consumes = ("pretrain_ce2", ori)
+        epochs = self.config.train.epochs
+
+        def run_ori(inputs):
+            base = self.pretrain_grader(dataset, grade_ori)
+            self.add_grading("Ori", dataset, base)
+            return base.get_weights()
+
+        def run_pretrained(inputs):
+            model = self.train_mask_weighted(grade_tune, inputs["pretrain_ce2"], inputs[ori])
+            self.add_grading("Lesion(Pretrained)", dataset, model)
+
+        def run_semi(inputs, adversarial):
+            generator, grader, model = self.train_collaborative(
+                mixed, inputs["pretrain_ce2"], inputs[ori], adversarial=adversarial
+            )
+            row = "Lesion(Semi+Adv)" if adversarial else "Lesion(Semi)"
+            self.add_grading(row, dataset, model)
+            if dataset == "idrid":
+                seg_row = "CE2+Semi+Adv" if adversarial else "CE2+Semi"
+                self._curves[seg_row] = self.segmentation_curves(generator)
+            if adversarial and dataset == self.final_dataset:
+                self._final = (generator.get_weights(), grader.get_weights())
+                self._fig4["after"] = self._fig4_predictions(generator)
+
+        generator = self._generator_net(True)
+        return [
+            Stage(
+                ori,
+                run=run_ori,
+                nets=[self._base_net()],
+                data=[grade_ori, *evaluation],
+                steps=self._steps(grade_ori.examples, grade_ori.batch),
+                epochs=self.method.pretrain_grade_epochs,
+                batch=grade_ori.batch,
+            ),
+            Stage(
+                pretrained,
+                run=run_pretrained,
+                nets=[self._generator_net(True, trainable=False), self._grader_net(False)],
+                data=[grade_tune, *evaluation],
+                steps=self._steps(grade_tune.examples, grade_tune.batch),
+                epochs=epochs,
+                batch=grade_tune.batch,
+                consumes=consumes,
+            ),
+            Stage(
+                semi,
+                run=lambda inputs: run_semi(inputs, False),
+                nets=[generator, self._grader_net(True)],
+                data=[mixed, *evaluation, *seg_test],
+                steps=self._steps(mixed.examples, mixed.batch),
+                epochs=epochs,
+                batch=mixed.batch,
+                consumes=consumes,
+            ),
+            Stage(
+                semi_adv,
+                run=lambda inputs: run_semi(inputs, True),
+                nets=[generator, self._grader_net(True), self._discriminator_net()],
+                data=[mixed, *evaluation, *seg_test],
+                steps=self._steps(mixed.examples, mixed.batch),
+                epochs=epochs,
+                batch=mixed.batch,
+                consumes=consumes,
+            ),
+        ]
 
     # -------------------------------------------------------------------------- evaluation
 
     def grading_predictions(self, model, dataset: str):
+        """Grade probabilities and true grades of ``dataset``'s test set (streamed batch by
+        batch from the stage's dataset; only the ``[N, grades]`` probabilities are kept)."""
         probs, grades = [], []
-        for image, grade in self._grade_test(dataset, self.test_split(dataset)):
+        for image, grade in self.ctx.data(f"{dataset}_grade_test"):
             probs.append(self._outputs(model, image)[keys.GRADE_PROBS])
             grades.append(grade.numpy())
+        if not probs:
+            return np.zeros((0, self.config.model.num_grades), np.float32), np.zeros(0, np.int64)
         return np.concatenate(probs), np.concatenate(grades)
 
     def add_grading(self, row: str, dataset: str, model) -> None:
@@ -737,7 +952,7 @@ class _Run:
 
     def segmentation_curves(self, generator) -> metrics.PerLesionCurves:
         curves = metrics.PerLesionCurves(self.lesions)
-        for image, targets in self._seg_test():
+        for image, targets in self.ctx.data("idrid_seg_test"):
             probs = self._outputs(generator, image)[keys.LESION_PROBS]
             curves.update(probs, targets[keys.MASKS].numpy(), targets[keys.MASK_PRESENT].numpy())
         return curves
@@ -755,32 +970,34 @@ class _Run:
         shown = preprocess.denormalize(image, self.data.normalization).numpy()
         return np.clip(shown, 0, 255).astype(np.uint8)
 
-    def fig4(self, generator: keras.Model, before_weights, after_weights):
-        """Fig. 4: per lesion, the pre-trained and the semi-supervised masks beside the truth
-        (``generator`` evaluated at the two sets of weights)."""
+    def _fig4_images(self) -> None:
+        """Keep Fig. 4's first ``method.fig4_images`` IDRiD segmentation test images and their
+        masks (the stages after this one predict on them)."""
         images, truths = [], []
-        for image, targets in self._seg_test():
-            images.append(image)
+        for image, targets in self.ctx.data("idrid_seg_test"):
+            images.append(np.asarray(image))
             truths.append(targets[keys.MASKS].numpy())
             if sum(len(i) for i in images) >= self.method.fig4_images:
                 break
-        if not images:
+        if images:
+            count = self.method.fig4_images
+            self._fig4["images"] = np.concatenate(images)[:count]
+            self._fig4["truths"] = np.concatenate(truths)[:count]
+
+    def _fig4_predictions(self, generator: keras.Model) -> Optional[np.ndarray]:
+        images = self._fig4.get("images")
+        if images is None:
             return None
-        predictions = []
-        for weights in (before_weights, after_weights):
-            generator.set_weights(weights)
-            predictions.append(
-                np.concatenate([self._outputs(generator, i)[keys.LESION_PROBS] for i in images])
-            )
-        count = self.method.fig4_images
-        shown = list(
-            zip(
-                np.concatenate([np.asarray(i) for i in images])[:count],
-                predictions[0][:count],
-                predictions[1][:count],
-                np.concatenate(truths)[:count],
-            )
-        )
+        return self._outputs(generator, tf.constant(images))[keys.LESION_PROBS]
+
+    def fig4(self):
+        """Fig. 4: per lesion, the pre-trained (CE2) and the semi-supervised (CE2+Semi+Adv)
+        masks beside the truth, on the images :meth:`_fig4_images` kept (``None`` when a
+        part is missing, e.g. no test image)."""
+        parts = [self._fig4.get(k) for k in ("images", "before", "after", "truths")]
+        if any(part is None for part in parts):
+            return None
+        shown = list(zip(*parts))
         columns = ("pre-trained (CE2)", "semi-supervised (CE2+Semi+Adv)", "ground truth")
         fig = new_figure((3.0 * len(columns) * len(shown), 3.0 * len(self.lesions)))
         for i, (image, before, after, truth) in enumerate(shown):
@@ -843,50 +1060,27 @@ class _Run:
             channels={keys.ATTENTION: channels, keys.LESION_PROBS: channels},
         )
 
-    # -------------------------------------------------------------------------- the run
+    # -------------------------------------------------------------------------- the report
 
-    def run(self) -> List[ResultsTable]:
-        tf.keras.utils.set_random_seed(self.config.seed)
-        curves = {}
-        ce1 = self.pretrain_generator(separable=False)
-        curves["CE1(Conv)"] = self.segmentation_curves(ce1)
-        ce2 = self.pretrain_generator(separable=True)
-        curves["CE2(Xception)"] = self.segmentation_curves(ce2)
-        generator_weights = ce2.get_weights()
-        final = None  # (generator, grader) weights of the Semi+Adv model exported
-        for dataset in self.method.datasets:
-            base = self.pretrain_grader(dataset)
-            self.add_grading("Ori", dataset, base)
-            base_weights = base.get_weights()
-            masked = self.train_mask_weighted(dataset, generator_weights, base_weights)
-            self.add_grading("Lesion(Pretrained)", dataset, masked)
-            for adversarial in (False, True):
-                row = "Lesion(Semi+Adv)" if adversarial else "Lesion(Semi)"
-                generator, model = self.train_collaborative(
-                    dataset, generator_weights, base_weights, adversarial=adversarial
-                )
-                self.add_grading(row, dataset, model)
-                if dataset == "idrid":
-                    curves["CE2+Semi+Adv" if adversarial else "CE2+Semi"] = (
-                        self.segmentation_curves(generator)
-                    )
-                if adversarial and (final is None or dataset == "idrid"):
-                    grader = self._pool[("attentive", True)][0]
-                    final = (generator.get_weights(), grader.get_weights())
+    def report(self) -> List[ResultsTable]:
+        """After the stages: Table 3 and Fig. 5 from the stages' curves, Fig. 4, the export
+        and the training curves. A stage that did not run (e.g. skipped by a dry run) leaves
+        its cells empty, its curves out of Fig. 5, and Fig. 4 or the export undone."""
+        curves = {row: self._curves[row] for row in SEG_ROWS if row in self._curves}
         for row, row_curves in curves.items():
             self.add_segmentation(row, row_curves)
-        plot_roc_pr_comparison(
-            curves,
-            self.ctx.out_dir / "fig5_roc_pr.png",
-            title="Fig. 5: ROC and PR curves on IDRiD test, pooled pixels",
-        )
-        generator = self._generator(True)
-        self.fig4(generator, generator_weights, final[0])
-        if self.ctx.is_chief:
-            generator.set_weights(final[0])
-            grader = self._pool[("attentive", True)][0]
-            grader.set_weights(final[1])
-            self.export(generator, self._inference(generator, attention=True))
+        if curves:
+            plot_roc_pr_comparison(
+                curves,
+                self.ctx.out_dir / "fig5_roc_pr.png",
+                title="Fig. 5: ROC and PR curves on IDRiD test, pooled pixels",
+            )
+        self.fig4()
+        if self.ctx.is_chief and self._final is not None:
+            generator = self._generator(True, self._final[0])
+            grader = self._attentive(True)
+            grader.set_weights(self._final[1])
+            self.export(generator, self._inference(generator, grader))
         if self.ctx.history_path.exists():
             plot_history(self.ctx.history_path, self.ctx.out_dir / "training_curves.png")
         return list(self.tables.values())
@@ -905,8 +1099,14 @@ class Collaborative(Experiment):
     title = "Collaborative semi-supervised lesion segmentation and DR grading (Zhou et al. 2019)"
     presets = {"smoke": SMOKE, "paper": PAPER}
 
-    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
-        return _Run(ctx).run()
+    def pretrained_weights(self, config: Config) -> list:
+        """None: Zhou et al.'s networks train from scratch (``model.encoder_weights`` other than
+        none is refused before anything is built)."""
+        return []
+
+    def prepare(self, ctx: RunContext) -> "_Run":
+        """The run's declared stages and report (checks the config; builds nothing)."""
+        return _Run(ctx)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
 
@@ -94,6 +94,7 @@ from drkeras.models import cooperative, mtunet
 from drkeras.models.cooperative import build_reference_grader
 from drkeras.plots import display_image, new_figure, plot_history, save_figure
 from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
 from drkeras.training.cooperative import (
     SEG_TARGET,
     CooperativeTrainer,
@@ -137,6 +138,12 @@ PAPER_TABLE3 = {
 }
 PAPER_TABLE4 = {VGG: {BINARY: 89.5}, INCEPTION: {BINARY: 94.7}, JOINT: {BINARY: 95.5}}
 HUMAN_BINARY = 95.1
+
+# Dataset keys of the test splits (shared by every stage evaluating on them, across runs), the
+# evaluation batches and the training streams' shuffle buffer (the pipelines' default).
+SEG_TEST, CLS_TEST = "seg_test", "cls_test"
+SEG_EVAL_BATCH, CLS_EVAL_BATCH = 8, 16
+SHUFFLE_BUFFER = 256
 
 # Section III "Preprocessing": flips left/right and up/down and random padding "for both
 # classification and segmentation" (masks transformed with their image); "for classification
@@ -433,7 +440,8 @@ def _color_name(k: int) -> str:
 
 
 class _Run:
-    """One execution of the experiment: data streams, model builders, training, evaluation."""
+    """One execution of the experiment: its declared stages (data, networks, training and
+    evaluation of each row) and its report (tables, Fig. 6, training curves)."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -451,9 +459,15 @@ class _Run:
         self._check()
         self.seg_dir = ctx.records(self.method.seg_dataset)
         self.cls_dir = ctx.records(self.method.cls_dataset)
-        self._cache: Dict[tuple, object] = {}
         seg_cfg = self._scheduled(self.config.optimizers["segmentation"])
         self.clf_opt_cfg, self.seg_opt_cfg = agent_optimizer_configs(seg_cfg, self.method.lr_ratio)
+        self._counts: Dict[tuple, int] = {}
+        self._partial: Dict[str, Tuple[pathlib.Path, Dict[str, float]]] = {}
+        # What report() reads, filled by the stages that ran (a stage a dry run skipped leaves
+        # its cells empty): scores per stage name, Fig. 6's columns and its images.
+        self.scores: Dict[str, dict] = {}
+        self.figure: Dict[str, np.ndarray] = {}
+        self.figure_inputs: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     def _check(self) -> None:
         m = self.method
@@ -514,135 +528,274 @@ class _Run:
 
     # -------------------------------------------------------------------------- data
 
-    def _cached(self, key: tuple, build: Callable[[], object]):
-        """Each stream is built once and reused: building one traces its functions (seconds on
-        a CPU), and every network of a run should see the same batches anyway (the streams
-        are deterministic functions of the seed and restart with every ``fit``)."""
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+    def _count(self, records_dir, split: str, task: str) -> int:
+        """Examples the ``task`` pipeline reads from ``split`` (``a+b``: both), from the
+        records' labels: images with a lesion annotated (segmentation) or with a grade in
+        ``0 .. num_grades - 1`` (classification), each split capped at ``data.max_examples``."""
+        total = 0
+        for name in pipeline.split_names(split):
+            key = (str(records_dir), name, task)
+            if key not in self._counts:
+                labels = pipeline.read_labels(records_dir, name)
+                if task == "segmentation":
+                    count = int(labels[keys.MASK_PRESENT].any(axis=1).sum())
+                else:
+                    grade = labels[keys.GRADE]
+                    count = int(((grade >= 0) & (grade < self.num_grades)).sum())
+                if self.data.max_examples:
+                    count = min(count, int(self.data.max_examples))
+                self._counts[key] = count
+            total += self._counts[key]
+        return total
 
-    def two_streams(self, cls_dir, seed: int) -> tf.data.Dataset:
-        return self._cached(("two", str(cls_dir), seed), lambda: self._two_streams(cls_dir, seed))
+    def _seg_train(self, tag: str, seed: int, *, joint_with: Optional[str] = None) -> Data:
+        """The segmentation training stream of run ``tag`` (one per run: it depends on the
+        seed); ``joint_with``: the key of the classification stream a JointSeg stage zips it
+        with (the dry run re-batches the pair, :meth:`_joint_stream`)."""
+        rebatch = None
+        if joint_with is not None:
+            key = f"{tag}_seg_train"
 
-    def _two_streams(self, cls_dir, seed: int) -> tf.data.Dataset:
-        """``({"seg_image", "cls_image"}, {"seg_probs": one-hot classes, "grade"})``."""
-        ds = pipeline.two_stream_dataset(
-            self.seg_dir,
-            self.method.seg_train_split,
-            cls_dir,
-            self.method.cls_train_split,
-            seg_batch_size=self.seg_batch,
-            ratio=self.method.batch_ratio,
-            seed=seed,
-            drop_remainder=True,
-            seg_options={"augment_params": SEGMENTATION_AUGMENT},
-            cls_options={"augment_params": CLASSIFICATION_AUGMENT},
-            **self._stream_options("segmentation"),
+            def rebatch(_, global_batch, key=key, cls_key=joint_with):
+                return self._joint_stream(
+                    self.ctx.data(key).unbatch().batch(global_batch, drop_remainder=True),
+                    self.ctx.data(cls_key)
+                    .unbatch()
+                    .batch(self.method.batch_ratio * global_batch, drop_remainder=True),
+                )
+
+        return Data(
+            f"{tag}_seg_train",
+            build=lambda cache: self._seg_stream(seed, cache),
+            examples=self._count(self.seg_dir, self.method.seg_train_split, "segmentation"),
+            size=self.method.resize_size,
+            masks=keys.NUM_LESIONS,
+            shuffle_buffer=SHUFFLE_BUFFER,
+            batch=self.seg_batch,
+            train=True,
+            rebatch=rebatch,
         )
-        return ds.map(
-            lambda x, y: (x, {SEG_TARGET: self._classes(y[keys.MASKS]), keys.GRADE: y[keys.GRADE]})
+
+    def _cls_train(self, tag: str, seed: int, *, partial: bool = False) -> Data:
+        """The classification training stream of run ``tag``: the true grades, or (``partial``)
+        the copy with partial random labels (:meth:`partial_records`, written on first use)."""
+        if partial:
+            key = f"{tag}_cls_train_partial_labels"
+
+            def build(cache):
+                return self._cls_stream(self.partial_records(tag, seed)[0], seed, cache)
+
+        else:
+            key = f"{tag}_cls_train"
+
+            def build(cache):
+                return self._cls_stream(self.cls_dir, seed, cache)
+
+        return Data(
+            key,
+            build=build,
+            # the partial copy holds the same images; only their grades differ
+            examples=self._count(self.cls_dir, self.method.cls_train_split, "classification"),
+            size=self.method.resize_size,
+            shuffle_buffer=SHUFFLE_BUFFER,
+            batch=self.cls_batch,
+            train=True,
         )
 
-    def seg_stream(self, seed: int) -> tf.data.Dataset:
-        return self._cached(("seg", seed), lambda: self._seg_stream(seed))
+    def _seg_test(self) -> Data:
+        m = self.method
+        shown = int(m.figure_images)
+        return Data(
+            SEG_TEST,
+            build=self._seg_test_stream,
+            examples=self._count(self.seg_dir, m.seg_test_split, "segmentation"),
+            size=m.resize_size,
+            masks=keys.NUM_LESIONS,
+            batch=SEG_EVAL_BATCH,
+            # Fig. 6: its images as fed (float32), true and two networks' predicted class ids
+            held_bytes=shown * self.size**2 * (3 * 4 + 8 + 8 * 2),
+        )
 
-    def _seg_stream(self, seed: int) -> tf.data.Dataset:
-        ds = pipeline.segmentation_dataset(
+    def _cls_test(self) -> Data:
+        examples = self._count(self.cls_dir, self.method.cls_test_split, "classification")
+        return Data(
+            CLS_TEST,
+            build=self._cls_test_stream,
+            examples=examples,
+            size=self.method.resize_size,
+            batch=CLS_EVAL_BATCH,
+            # the evaluation keeps each image's grade probabilities and true grade
+            held_bytes=examples * (4 * self.num_grades + 4),
+        )
+
+    def _seg_stream(self, seed: int, cache) -> tf.data.Dataset:
+        """``(image, {"masks", "mask_present"})`` batches of the segmentation training split."""
+        return pipeline.segmentation_dataset(
             self.seg_dir,
             self.method.seg_train_split,
             batch_size=self.seg_batch,
             seed=seed,
             repeat=True,
             shuffle=True,
+            shuffle_buffer=SHUFFLE_BUFFER,
             drop_remainder=True,
+            cache=cache,
             **self._stream_options("segmentation"),
         )
-        return ds.map(lambda x, y: (x, {keys.SEG_PROBS: self._classes(y[keys.MASKS])}))
 
-    def cls_stream(self, seed: int) -> tf.data.Dataset:
-        return self._cached(("cls", seed), lambda: self._cls_stream(seed))
-
-    def _cls_stream(self, seed: int) -> tf.data.Dataset:
-        ds = pipeline.grading_dataset(
-            self.cls_dir,
+    def _cls_stream(self, records_dir, seed: int, cache) -> tf.data.Dataset:
+        """``(image, grade)`` batches of the classification training split."""
+        return pipeline.grading_dataset(
+            records_dir,
             self.method.cls_train_split,
             batch_size=self.cls_batch,
             num_classes=self.num_grades,
             seed=seed + 1,
             repeat=True,
             shuffle=True,
+            shuffle_buffer=SHUFFLE_BUFFER,
             drop_remainder=True,
+            cache=cache,
             **self._stream_options("classification"),
         )
+
+    def _joint_stream(self, seg: tf.data.Dataset, cls: tf.data.Dataset) -> tf.data.Dataset:
+        """The cooperative trainer's input: a segmentation batch and a ``method.batch_ratio``
+        times larger classification batch per step, ``({"seg_image", "cls_image"},
+        {"seg_probs": one-hot classes, "grade"})`` (what
+        :func:`drkeras.data.pipeline.two_stream_dataset` yields, made of the run's two training
+        streams so that their caches serve every network of the run)."""
+
+        def merge(seg_element, cls_element):
+            (seg_image, seg_targets), (cls_image, grade) = seg_element, cls_element
+            inputs = {pipeline.SEG_IMAGE: seg_image, pipeline.CLS_IMAGE: cls_image}
+            return inputs, {SEG_TARGET: self._classes(seg_targets[keys.MASKS]), keys.GRADE: grade}
+
+        ds = tf.data.Dataset.zip((seg, cls)).map(merge, num_parallel_calls=pipeline.AUTOTUNE)
+        return ds.prefetch(pipeline.AUTOTUNE).with_options(pipeline.distribution_options())
+
+    def _seg_pairs(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        return ds.map(lambda x, y: (x, {keys.SEG_PROBS: self._classes(y[keys.MASKS])}))
+
+    @staticmethod
+    def _cls_pairs(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.map(lambda x, grade: (x, {keys.GRADE_PROBS: grade}))
 
-    def seg_eval(self) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Batches ``(image, masks, mask_present)`` of the segmentation test split (central
-        crops), read once."""
+    def _seg_test_stream(self, cache) -> tf.data.Dataset:
+        """Batches ``(image, {"masks", "mask_present"})`` of the segmentation test split
+        (central crops), in order."""
+        options = dict(self._stream_options("segmentation"), augment=False)
+        return pipeline.segmentation_dataset(
+            self.seg_dir,
+            self.method.seg_test_split,
+            batch_size=SEG_EVAL_BATCH,
+            shuffle=False,
+            cache=cache,
+            **options,
+        )
 
-        def read():
-            options = dict(self._stream_options("segmentation"), augment=False)
-            ds = pipeline.segmentation_dataset(
-                self.seg_dir, self.method.seg_test_split, batch_size=8, shuffle=False, **options
-            )
-            return [(x.numpy(), t[keys.MASKS].numpy(), t[keys.MASK_PRESENT].numpy()) for x, t in ds]
+    def _cls_test_stream(self, cache) -> tf.data.Dataset:
+        """Batches ``(image, grade)`` of the classification test split(s), in order."""
+        options = dict(self._stream_options("classification"), augment=False)
+        return pipeline.evaluation_dataset(
+            pipeline.grading_dataset,
+            self.cls_dir,
+            self.method.cls_test_split,
+            cache=cache,
+            batch_size=CLS_EVAL_BATCH,
+            num_classes=self.num_grades,
+            **options,
+        )
 
-        return self._cached(("seg_eval",), read)
-
-    def cls_eval(self) -> List[Tuple[np.ndarray, np.ndarray]]:
-        """Batches ``(image, grade)`` of the classification test split, read once."""
-
-        def read():
-            options = dict(self._stream_options("classification"), augment=False)
-            ds = pipeline.evaluation_dataset(
-                pipeline.grading_dataset,
+    def partial_records(self, tag: str, seed: int) -> Tuple[pathlib.Path, Dict[str, float]]:
+        """The classification training split of run ``tag`` with only
+        ``method.true_label_fraction`` of its labels true (section II-C), written once per run
+        under ``data/partial_labels``, and its statistics."""
+        if tag not in self._partial:
+            m = self.method
+            folder = self.ctx.out_dir / "data" / "partial_labels" / f"{m.cls_dataset}_{tag}"
+            stats = write_partial_random_labels(
                 self.cls_dir,
-                self.method.cls_test_split,
-                batch_size=16,
-                num_classes=self.num_grades,
-                **options,
+                m.cls_train_split,
+                folder,
+                true_fraction=m.true_label_fraction,
+                num_grades=self.num_grades,
+                seed=seed,
             )
-            return [(x.numpy(), grade.numpy()) for x, grade in ds]
+            log.info("partial random labels (%s): %s", tag, stats)
+            self._partial[tag] = (folder, stats)
+        return self._partial[tag]
 
-        return self._cached(("cls_eval",), read)
-
-    # -------------------------------------------------------------------------- training
+    # -------------------------------------------------------------------------- networks
 
     def _build(self, seed: int, build: Callable[[], keras.Model]) -> keras.Model:
         tf.keras.utils.set_random_seed(seed)
         with self.ctx.strategy.scope():
             return build()
 
-    def _fit(self, model, data, stage: str):
-        return self.ctx.fit(model, data, stage=stage, steps_per_epoch=self.steps)
-
-    def joint(self, cls_dir, stage: str, seed: int) -> keras.Model:
-        """JointSeg trained cooperatively; returns the joint inference network."""
+    def _joint_network(self) -> keras.Model:
         m = self.method
-        network = self._build(
-            seed,
-            lambda: cooperative.build_cooperative_model(
-                input_shape=self.shape,
-                num_seg_classes=len(self.class_names),
-                num_grades=self.num_grades,
-                encoder_widths=m.encoder_widths,
-                encoder_blocks=m.encoder_blocks,
-                classifier_widths=m.classifier_widths,
-                classifier_blocks=m.classifier_blocks,
-                dropout=self.config.model.dropout,
-                name="jointseg",
-            ),
+        return cooperative.build_cooperative_model(
+            input_shape=self.shape,
+            num_seg_classes=len(self.class_names),
+            num_grades=self.num_grades,
+            encoder_widths=m.encoder_widths,
+            encoder_blocks=m.encoder_blocks,
+            classifier_widths=m.classifier_widths,
+            classifier_blocks=m.classifier_blocks,
+            dropout=self.config.model.dropout,
+            name="jointseg",
         )
-        with self.ctx.strategy.scope():
-            trainer = CooperativeTrainer.from_model(network)
-            trainer.compile(
-                clf_optimizer=build_optimizer(self.clf_opt_cfg),
-                seg_optimizer=build_optimizer(self.seg_opt_cfg),
-                run_eagerly=self.method.run_eagerly,
+
+    def _encoder(self, kind: str) -> keras.Model:
+        m = self.method
+        if kind == "fcn8s":
+            return cooperative.build_vgg16_fcn_encoder(
+                input_shape=self.shape,
+                width=self.config.model.width,
+                fc_units=m.fc_units,
+                name="fcn8s_encoder",
             )
-        self._fit(trainer, self.two_streams(cls_dir, seed), stage)
-        return network
+        return cooperative.build_shared_encoder(
+            input_shape=self.shape,
+            widths=m.encoder_widths,
+            blocks_per_level=m.encoder_blocks,
+            name="unet_encoder",
+        )
+
+    def _encoder_classifier(self, kind: str, encoder: keras.Model) -> keras.Model:
+        feature = "fc7" if kind == "fcn8s" else cooperative.ENCODER_OUTPUT
+        return cooperative.build_encoder_classifier(
+            encoder,
+            feature=feature,
+            num_grades=self.num_grades,
+            dropout=self.config.model.dropout,
+        )
+
+    def _segmenter(self, kind: str, encoder: keras.Model) -> keras.Model:
+        if kind == "fcn8s":
+            return cooperative.build_fcn8s(
+                input_shape=self.shape, num_seg_classes=len(self.class_names), encoder=encoder
+            )
+        return cooperative.build_inception_unet(
+            input_shape=self.shape,
+            num_seg_classes=len(self.class_names),
+            decoder_blocks=self.method.unet_decoder_blocks,
+            encoder=encoder,
+        )
+
+    def _grader(self, name: str, encoder_weights) -> keras.Model:
+        return build_reference_grader(
+            name,
+            input_shape=self.shape,
+            num_grades=self.num_grades,
+            encoder_weights=encoder_weights,
+            dropout=self.config.model.dropout,
+        )
+
+    @staticmethod
+    def _optimizer_kind(cfg: OptimizerConfig) -> str:
+        return cfg.name if cfg.name in ("adam", "sgd", "rmsprop") else "adam"
 
     def _compile_seg(self, model):
         with self.ctx.strategy.scope():
@@ -660,73 +813,179 @@ class _Run:
                 run_eagerly=self.method.run_eagerly,
             )
 
-    def segmentation_baseline(self, row: str, pretrained: bool, tag: str, seed: int):
-        """FCN-8s or the inception UNet; ``pretrained``: its encoder first trained as a
-        classifier on the classification stream (Table I), else random (Table II)."""
-        m = self.method
-        kind = "fcn8s" if row == FCN else "unet"
-        stage = f"{tag}_{kind}_{'pretrained' if pretrained else 'random'}"
+    def _fit(self, model, data):
+        return self.ctx.fit(model, data, steps_per_epoch=self.steps)
 
-        def encoder():
-            if kind == "fcn8s":
-                return cooperative.build_vgg16_fcn_encoder(
-                    input_shape=self.shape,
-                    width=self.config.model.width,
-                    fc_units=m.fc_units,
-                    name="fcn8s_encoder",
-                )
-            return cooperative.build_shared_encoder(
-                input_shape=self.shape,
-                widths=m.encoder_widths,
-                blocks_per_level=m.encoder_blocks,
-                name="unet_encoder",
-            )
+    # -------------------------------------------------------------------------- stages
 
-        enc = self._build(seed, encoder)
-        if pretrained:
-            feature = "fc7" if kind == "fcn8s" else cooperative.ENCODER_OUTPUT
+    def stages(self) -> List[Stage]:
+        """Per run (``train.runs``, seeds ``seed, seed + 1, ...``): JointSeg, JointSeg on
+        partial random labels, FCN-8s and the UNet (each: encoder pre-trained as a classifier,
+        then segmentation; and from random weights), VGG and InceptionV3."""
+        declared: List[Stage] = []
+        for run in range(int(self.config.train.runs)):
+            seed, tag = int(self.config.seed) + run, f"run{run}"
+            declared.append(self._joint_stage(tag, seed, partial=False))
+            declared.append(self._joint_stage(tag, seed, partial=True))
+            for row in (FCN, UNET):
+                kind = "fcn8s" if row == FCN else "unet"
+                declared.append(self._encoder_classifier_stage(kind, tag, seed))
+                declared.append(self._segmentation_stage(row, kind, True, tag, seed))
+                declared.append(self._segmentation_stage(row, kind, False, tag, seed))
+            for row in GRADER_ROWS:
+                declared.append(self._grader_stage(row, tag, seed))
+        return declared
+
+    def _joint_stage(self, tag: str, seed: int, *, partial: bool) -> Stage:
+        """JointSeg trained cooperatively (all labels true, or section II-C's partial random
+        labels), evaluated on both test splits; run 0's network is exported and drawn."""
+        group = "jointseg_partial_labels" if partial else "jointseg"
+        name = f"{tag}_{group}"
+        cls = self._cls_train(tag, seed, partial=partial)
+        seg = self._seg_train(tag, seed, joint_with=cls.key)
+        first = tag == "run0" and not partial
+
+        def run(_inputs):
+            correct = 100.0
+            if partial:
+                correct = 100.0 * self.partial_records(tag, seed)[1]["correct"]
+            network = self._build(seed, self._joint_network)
             with self.ctx.strategy.scope():
-                classifier = cooperative.build_encoder_classifier(
-                    enc,
-                    feature=feature,
-                    num_grades=self.num_grades,
-                    dropout=self.config.model.dropout,
+                trainer = CooperativeTrainer.from_model(network)
+                trainer.compile(
+                    clf_optimizer=build_optimizer(self.clf_opt_cfg),
+                    seg_optimizer=build_optimizer(self.seg_opt_cfg),
+                    run_eagerly=self.method.run_eagerly,
                 )
-            self._compile_cls(classifier)
-            self._fit(classifier, self.cls_stream(seed), f"{tag}_{kind}_encoder_classifier")
-        with self.ctx.strategy.scope():
-            if kind == "fcn8s":
-                model = cooperative.build_fcn8s(
-                    input_shape=self.shape,
-                    num_seg_classes=len(self.class_names),
-                    encoder=enc,
-                )
-            else:
-                model = cooperative.build_inception_unet(
-                    input_shape=self.shape,
-                    num_seg_classes=len(self.class_names),
-                    decoder_blocks=m.unet_decoder_blocks,
-                    encoder=enc,
-                )
-        self._compile_seg(model)
-        self._fit(model, self.seg_stream(seed), stage)
-        return model
+            self._fit(trainer, self._joint_stream(self.ctx.data(seg.key), self.ctx.data(cls.key)))
+            result = self._evaluate_both(network, figure=JOINT if first else None)
+            result["correct"] = correct
+            if first and self.ctx.is_chief:
+                log.info("exported JointSeg to %s", self.export(network))
+            self.scores[name] = result
+            return result
 
-    def grader(self, row: str, tag: str, seed: int) -> keras.Model:
-        name = dict(zip(GRADER_ROWS, self.method.graders))[row]
-        model = self._build(
-            seed,
-            lambda: build_reference_grader(
-                name,
-                input_shape=self.shape,
-                num_grades=self.num_grades,
-                encoder_weights=self.config.model.encoder_weights,
-                dropout=self.config.model.dropout,
-            ),
+        return Stage(
+            name,
+            run=run,
+            nets=[
+                # Each step feeds the segmentation batch through the whole network and the
+                # classification batch through the encoder and classifier: planned as the sum
+                # through the whole network (an upper bound on its activations).
+                Net(
+                    "jointseg",
+                    self._joint_network,
+                    optimizer=self._optimizer_kind(self.seg_opt_cfg),
+                    batch=self.seg_batch + self.cls_batch,
+                )
+            ],
+            data=[seg, cls, self._seg_test(), self._cls_test()],
+            steps=self.steps,
+            epochs=self.epochs,
+            batch=self.seg_batch,
+            group=group,
         )
-        self._compile_cls(model)
-        self._fit(model, self.cls_stream(seed), f"{tag}_{name}")
-        return model
+
+    def _encoder_classifier_stage(self, kind: str, tag: str, seed: int) -> Stage:
+        """Table I's pre-training: the baseline's encoder trained as a classifier on the
+        classification stream; its output is the trained encoder."""
+
+        def run(_inputs):
+            encoder = self._build(seed, lambda: self._encoder(kind))
+            with self.ctx.strategy.scope():
+                classifier = self._encoder_classifier(kind, encoder)
+            self._compile_cls(classifier)
+            self._fit(classifier, self._cls_pairs(self.ctx.data(f"{tag}_cls_train")))
+            return encoder
+
+        group = f"{kind}_encoder_classifier"
+        return Stage(
+            f"{tag}_{group}",
+            run=run,
+            nets=[
+                Net(
+                    group,
+                    lambda: self._encoder_classifier(kind, self._encoder(kind)),
+                    optimizer=self._optimizer_kind(self.clf_opt_cfg),
+                )
+            ],
+            data=[self._cls_train(tag, seed)],
+            steps=self.steps,
+            epochs=self.epochs,
+            batch=self.cls_batch,
+            group=group,
+        )
+
+    def _segmentation_stage(
+        self, row: str, kind: str, pretrained: bool, tag: str, seed: int
+    ) -> Stage:
+        """FCN-8s or the inception UNet on the segmentation stream: on the encoder its
+        classification pre-training returned (Table I), or from random weights (Table II)."""
+        group = f"{kind}_{'pretrained' if pretrained else 'random'}"
+        name = f"{tag}_{group}"
+        source = f"{tag}_{kind}_encoder_classifier"
+        figure = "UNet (improved inception, pre-trained)" if kind == "unet" and pretrained else None
+
+        def run(inputs):
+            if pretrained:
+                encoder = inputs[source]
+            else:
+                encoder = self._build(seed, lambda: self._encoder(kind))
+            with self.ctx.strategy.scope():
+                model = self._segmenter(kind, encoder)
+            self._compile_seg(model)
+            self._fit(model, self._seg_pairs(self.ctx.data(f"{tag}_seg_train")))
+            seg = self.evaluate_segmentation(model, figure=figure if tag == "run0" else None)
+            self.scores[name] = {"seg": seg}
+            return self.scores[name]
+
+        return Stage(
+            name,
+            run=run,
+            nets=[
+                Net(
+                    kind,
+                    lambda: self._segmenter(kind, self._encoder(kind)),
+                    optimizer=self._optimizer_kind(self.seg_opt_cfg),
+                )
+            ],
+            data=[self._seg_train(tag, seed), self._seg_test()],
+            steps=self.steps,
+            epochs=self.epochs,
+            batch=self.seg_batch,
+            consumes=(source,) if pretrained else (),
+            group=group,
+        )
+
+    def _grader_stage(self, row: str, tag: str, seed: int) -> Stage:
+        """Tables III-IV: a ``keras.applications`` grader on the classification stream."""
+        name = dict(zip(GRADER_ROWS, self.method.graders))[row]
+
+        def run(_inputs):
+            weights = self.config.model.encoder_weights
+            model = self._build(seed, lambda: self._grader(name, weights))
+            self._compile_cls(model)
+            self._fit(model, self._cls_pairs(self.ctx.data(f"{tag}_cls_train")))
+            self.scores[f"{tag}_{name}"] = {"grading": self.evaluate_grading(model)}
+            return self.scores[f"{tag}_{name}"]
+
+        return Stage(
+            f"{tag}_{name}",
+            run=run,
+            # the plan reads shapes only: random weights, nothing downloaded
+            nets=[
+                Net(
+                    name,
+                    lambda: self._grader(name, None),
+                    optimizer=self._optimizer_kind(self.clf_opt_cfg),
+                )
+            ],
+            data=[self._cls_train(tag, seed), self._cls_test()],
+            steps=self.steps,
+            epochs=self.epochs,
+            batch=self.cls_batch,
+            group=name,
+        )
 
     # -------------------------------------------------------------------------- evaluation
 
@@ -734,37 +993,48 @@ class _Run:
     def _outputs(model, images) -> Dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in model(images, training=False).items()}
 
-    def evaluate_segmentation(self, model) -> Tuple[Dict[str, object], np.ndarray]:
-        """Scores on the segmentation test split and the predicted class ids ``[N, S, S]``."""
+    def _evaluate_both(self, network, *, figure: Optional[str]) -> dict:
+        return {
+            "seg": self.evaluate_segmentation(network, figure=figure),
+            "grading": self.evaluate_grading(network),
+        }
+
+    def evaluate_segmentation(self, model, *, figure: Optional[str] = None) -> Dict[str, object]:
+        """Scores on the segmentation test split, streamed batch by batch into the counts.
+        ``figure``: keep the predicted class ids of the first ``method.figure_images`` images
+        as that column of Fig. 6 (and the images and their truth, once)."""
         score = SegmentationIoU(self.method.class_set)
-        predicted = []
-        for image, masks, present in self.seg_eval():
+        keep = int(self.method.figure_images) if figure else 0
+        images, truths, predicted = [], [], []
+        for image, targets in self.ctx.data(SEG_TEST):
+            masks = targets[keys.MASKS].numpy()
             probs = self._outputs(model, image)[keys.SEG_PROBS]
-            score.update(probs, masks, present)
-            predicted.append(probs.argmax(-1))
-        return score.result(), np.concatenate(predicted)
+            score.update(probs, masks, targets[keys.MASK_PRESENT].numpy())
+            held = sum(len(p) for p in predicted)
+            if held < keep:
+                take = keep - held
+                predicted.append(probs[:take].argmax(-1))
+                images.append(image.numpy()[:take])
+                truths.append(self._classes(masks[:take]).numpy().argmax(-1))
+        if predicted:
+            self.figure[figure] = np.concatenate(predicted)
+            if self.figure_inputs is None:
+                self.figure_inputs = (np.concatenate(images), np.concatenate(truths))
+        return score.result()
 
     def evaluate_grading(self, model) -> Dict[str, float]:
+        """Top-1, top-2 and binary accuracy on the classification test split (streamed: only
+        the grade probabilities and true grades are kept)."""
         truth, probs = [], []
-        for image, grade in self.cls_eval():
+        for image, grade in self.ctx.data(CLS_TEST):
             probs.append(self._outputs(model, image)[keys.GRADE_PROBS])
-            truth.append(grade)
+            truth.append(grade.numpy())
         truth, probs = np.concatenate(truth), np.concatenate(probs)
         return {
             TOP1: 100.0 * metrics.accuracy(truth, probs),
             TOP2: 100.0 * metrics.top_k_accuracy(truth, probs, k=2),
             BINARY: 100.0 * metrics.screening_scores(probs, truth)["normal_accuracy"],
         }
-
-    def eval_images(self, count: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The first ``count`` segmentation test images (as fed) and their true class ids."""
-        images, classes = [], []
-        for image, masks, _ in self.seg_eval():
-            images.append(image)
-            classes.append(self._classes(masks).numpy().argmax(-1))
-            if sum(len(i) for i in images) >= count:
-                break
-        return np.concatenate(images)[:count], np.concatenate(classes)[:count]
 
     def display(self, images) -> np.ndarray:
         shown = preprocess.denormalize(images, self.data.normalization).numpy()
@@ -782,120 +1052,72 @@ class _Run:
             channels={keys.SEG_PROBS: mtunet.CLASS_SETS[self.method.class_set]},
         )
 
+    # -------------------------------------------------------------------------- report
 
-def export_preprocess(config: Config) -> dict:
-    """The export's input transform: the evaluation pipeline's (``_Run.seg_eval``,
-    ``_Run.cls_eval``), i.e. the field of view resized to ``method.resize_size`` (256), rounded
-    to uint8 as the record pipelines cache it, its central ``data.image_size`` (224) crop, then
-    ``data.graham`` and ``data.normalization``. A photograph served by the SavedModel thus shows
-    lesions at the scale of training (random 224 crops of the 256 image), not 12.5 % smaller as
-    a direct resize to 224 would."""
-    return pipeline_preprocess(
-        fov_crop=config.data.fov_crop,
-        graham=config.data.graham,
-        normalization=config.data.normalization,
-        resize_size=config.method.resize_size,
-    )
-
-
-class JointSegExperiment(Experiment):
-    """The cooperative-learning paper: Tables I-IV, partial random labels, Fig. 6 (module doc)."""
-
-    name = "cooperative"
-    title = "JointSeg: cooperative joint segmentation and classification learning"
-    presets = {"smoke": SMOKE, "paper": PAPER}
-
-    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
-        r = _Run(ctx)
-        method, config = r.method, ctx.config
-        tables = self._tables(r)
+    def report(self) -> List[ResultsTable]:
+        """Tables I-IV and the partial-label table from the stages' scores (a cell whose
+        stage did not run stays empty), Fig. 6 and the training curves."""
+        tables = self._tables()
         t1, t2, t3, t4, t5 = tables
-        pct = round(100 * method.true_label_fraction)
-        partial_row = f"JointSeg, {pct} % true classifier labels"
-        figure: Dict[str, np.ndarray] = {}
-        shown = method.figure_images
-        for run in range(int(config.train.runs)):
-            seed = int(config.seed) + run
+        pct = round(100 * self.method.true_label_fraction)
+        for run in range(int(self.config.train.runs)):
             tag = f"run{run}"
-
-            # JointSeg with every label true: Tables I-IV.
-            network = r.joint(r.cls_dir, f"{tag}_jointseg", seed)
-            seg, pred = r.evaluate_segmentation(network)
-            grading = r.evaluate_grading(network)
-            for table in (t1, t2):
-                table.add(JOINT, MIOU, 100.0 * seg["miou"])
-                table.add(JOINT, LESION_MIOU, 100.0 * seg["lesion_miou"])
-            t3.add(JOINT, TOP1, grading[TOP1])
-            t3.add(JOINT, TOP2, grading[TOP2])
-            t4.add(JOINT, BINARY, grading[BINARY])
-            self._partial_row(t5, "JointSeg, all classifier labels true", seg, grading, 100.0)
-            if run == 0:
-                figure[JOINT] = pred[:shown]
-                if ctx.is_chief:
-                    path = r.export(network)
-                    log.info("exported JointSeg to %s", path)
-
-            # Section II-C: the classifier trained on partial random labels.
-            partial_dir = ctx.out_dir / "data" / "partial_labels" / f"{method.cls_dataset}_{tag}"
-            stats = write_partial_random_labels(
-                r.cls_dir,
-                method.cls_train_split,
-                partial_dir,
-                true_fraction=method.true_label_fraction,
-                num_grades=r.num_grades,
-                seed=seed,
-            )
-            log.info("partial random labels: %s", stats)
-            network = r.joint(partial_dir, f"{tag}_jointseg_partial_labels", seed)
-            seg_p, _ = r.evaluate_segmentation(network)
-            self._partial_row(
-                t5, partial_row, seg_p, r.evaluate_grading(network), 100.0 * stats["correct"]
-            )
-
-            # Tables I-II: segmentation baselines, pre-trained and random.
+            joint = self.scores.get(f"{tag}_jointseg")
+            if joint:
+                for table in (t1, t2):
+                    table.add(JOINT, MIOU, 100.0 * joint["seg"]["miou"])
+                    table.add(JOINT, LESION_MIOU, 100.0 * joint["seg"]["lesion_miou"])
+                self._grading_cells(t3, t4, JOINT, joint["grading"])
+                self._partial_row(t5, "JointSeg, all classifier labels true", joint)
+            partial = self.scores.get(f"{tag}_jointseg_partial_labels")
+            if partial:
+                self._partial_row(t5, f"JointSeg, {pct} % true classifier labels", partial)
             for row in (FCN, UNET):
+                kind = "fcn8s" if row == FCN else "unet"
                 for pretrained, table in ((True, t1), (False, t2)):
-                    model = r.segmentation_baseline(row, pretrained, tag, seed)
-                    scores, pred = r.evaluate_segmentation(model)
-                    table.add(row, MIOU, 100.0 * scores["miou"])
-                    table.add(row, LESION_MIOU, 100.0 * scores["lesion_miou"])
-                    if run == 0 and row == UNET and pretrained:
-                        figure["UNet (improved inception, pre-trained)"] = pred[:shown]
-
-            # Tables III-IV: graders.
-            for row in GRADER_ROWS:
-                grading = r.evaluate_grading(r.grader(row, tag, seed))
-                t3.add(row, TOP1, grading[TOP1])
-                t3.add(row, TOP2, grading[TOP2])
-                t4.add(row, BINARY, grading[BINARY])
-
-        self._figures(r, figure)
+                    scores = self.scores.get(
+                        f"{tag}_{kind}_{'pretrained' if pretrained else 'random'}"
+                    )
+                    if scores:
+                        table.add(row, MIOU, 100.0 * scores["seg"]["miou"])
+                        table.add(row, LESION_MIOU, 100.0 * scores["seg"]["lesion_miou"])
+            for row, name in zip(GRADER_ROWS, self.method.graders):
+                scores = self.scores.get(f"{tag}_{name}")
+                if scores:
+                    self._grading_cells(t3, t4, row, scores["grading"])
+        self._figures()
         return tables
 
     @staticmethod
-    def _partial_row(table, row, seg, grading, correct) -> None:
+    def _grading_cells(t3, t4, row: str, grading: Dict[str, float]) -> None:
+        t3.add(row, TOP1, grading[TOP1])
+        t3.add(row, TOP2, grading[TOP2])
+        t4.add(row, BINARY, grading[BINARY])
+
+    @staticmethod
+    def _partial_row(table, row: str, result: dict) -> None:
+        seg, grading = result["seg"], result["grading"]
         table.add(row, MIOU, 100.0 * seg["miou"])
         table.add(row, LESION_MIOU, 100.0 * seg["lesion_miou"])
         for column in (TOP1, TOP2, BINARY):
             table.add(row, column, grading[column])
-        table.add(row, LABELS_CORRECT, correct)
+        table.add(row, LABELS_CORRECT, result["correct"])
 
-    @staticmethod
-    def _tables(r: _Run) -> List[ResultsTable]:
-        m, config = r.method, r.config
+    def _tables(self) -> List[ResultsTable]:
+        m, config = self.method, self.config
         summary = run_config_summary(config)
         budget = (
             f"{config.train.epochs} x {config.train.steps_per_epoch} steps per network, "
-            f"segmentation batch {r.seg_batch}, classification batch {r.cls_batch} "
-            f"(ratio {m.batch_ratio}), learning rates {r.seg_opt_cfg.learning_rate:g} / "
-            f"{r.clf_opt_cfg.learning_rate:g} (ratio {m.lr_ratio:g}), {r.size} px crops of "
+            f"segmentation batch {self.seg_batch}, classification batch {self.cls_batch} "
+            f"(ratio {m.batch_ratio}), learning rates {self.seg_opt_cfg.learning_rate:g} / "
+            f"{self.clf_opt_cfg.learning_rate:g} (ratio {m.lr_ratio:g}), {self.size} px crops of "
             f"{m.resize_size} px"
         )
         seg_where = f"{m.seg_dataset} {m.seg_test_split}"
         cls_where = f"{m.cls_dataset} {m.cls_test_split}"
         miou_note = (
-            f"mIoU over the classes {', '.join(r.class_names)} (background included), IoU pooled "
-            "over the images; lesion mIoU without the background"
+            f"mIoU over the classes {', '.join(self.class_names)} (background included), IoU "
+            "pooled over the images; lesion mIoU without the background"
         )
         t1 = ResultsTable(
             "table1",
@@ -944,27 +1166,62 @@ class JointSegExperiment(Experiment):
         )
         return [t1, t2, t3, t4, t5]
 
-    @staticmethod
-    def _figures(r: _Run, figure: Dict[str, np.ndarray]) -> None:
-        shown = min(r.method.figure_images, *(len(v) for v in figure.values())) if figure else 0
-        if shown:
-            images, truths = r.eval_images(shown)
-            columns = {}
-            for name in ("UNet (improved inception, pre-trained)", JOINT):
-                if name in figure:
-                    columns[name] = figure[name][:shown]
+    def _figures(self) -> None:
+        columns = {
+            name: self.figure[name]
+            for name in ("UNet (improved inception, pre-trained)", JOINT)
+            if name in self.figure
+        }
+        if columns and self.figure_inputs is not None:
+            images, truths = self.figure_inputs
+            shown = min(len(images), *(len(v) for v in columns.values()))
             path = plot_segmentation_comparison(
-                r.display(images),
-                truths,
-                columns,
-                r.ctx.out_dir / "fig6_segmentation.png",
-                class_names=r.class_names,
-                title=f"Fig. 6-style comparison on {r.method.seg_dataset} "
-                f"{r.method.seg_test_split} (run 0)",
+                self.display(images[:shown]),
+                truths[:shown],
+                {name: pred[:shown] for name, pred in columns.items()},
+                self.ctx.out_dir / "fig6_segmentation.png",
+                class_names=self.class_names,
+                title=f"Fig. 6-style comparison on {self.method.seg_dataset} "
+                f"{self.method.seg_test_split} (run 0)",
             )
             log.info("Fig. 6 written to %s", path)
-        if r.ctx.history_path.is_file():
-            plot_history(r.ctx.history_path, r.ctx.out_dir / "training_curves.png")
+        if self.ctx.history_path.is_file():
+            plot_history(self.ctx.history_path, self.ctx.out_dir / "training_curves.png")
+
+
+def export_preprocess(config: Config) -> dict:
+    """The export's input transform: the evaluation pipeline's (``_Run._seg_test_stream``,
+    ``_Run._cls_test_stream``), i.e. the field of view resized to ``method.resize_size`` (256),
+    rounded to uint8 as the record pipelines cache it, its central ``data.image_size`` (224)
+    crop, then ``data.graham`` and ``data.normalization``. A photograph served by the
+    SavedModel thus shows lesions at the scale of training (random 224 crops of the 256 image),
+    not 12.5 % smaller as a direct resize to 224 would."""
+    return pipeline_preprocess(
+        fov_crop=config.data.fov_crop,
+        graham=config.data.graham,
+        normalization=config.data.normalization,
+        resize_size=config.method.resize_size,
+    )
+
+
+class JointSegExperiment(Experiment):
+    """The cooperative-learning paper: Tables I-IV, partial random labels, Fig. 6 (module doc)."""
+
+    name = "cooperative"
+    title = "JointSeg: cooperative joint segmentation and classification learning"
+    presets = {"smoke": SMOKE, "paper": PAPER}
+
+    def pretrained_weights(self, config: Config) -> list:
+        """The ImageNet files of the Tables III-IV graders when ``model.encoder_weights`` asks
+        for them (the paper preset trains everything from scratch); see :mod:`drkeras.weights`."""
+        from drkeras import weights
+
+        w = config.model.encoder_weights
+        return weights.collect(*(weights.reference_grader(g, w) for g in config.method.graders))
+
+    def prepare(self, ctx: RunContext) -> _Run:
+        """The run's stages (:meth:`_Run.stages`) and its report (:meth:`_Run.report`)."""
+        return _Run(ctx)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ What runs, ``train.runs`` times (seeds ``seed, seed + 1, ...``), every network f
    the image-level set, EyePACS train + val + test pooled and balanced to the count of the
    rarest grade (grade 4: 1,914 per grade in the paper); for grade-0 images the red and yellow
    outputs are ignored (:func:`drkeras.pseudo_masks.pseudo_masks_from_probs`). The pseudo masks
-   are written once per run (``pseudo/run<r>.tfrecord``) and augmented with the image.
+   are written once per run (``pseudo/run<r>.tfrecord``: class map and grade, in the order of
+   the balanced set) and augmented with the image, read again from the records.
    (c) The multi-task networks learn (pseudo mask, grade) on that set, ``L = L_B + alpha L_C``
    (Eq. 1-3, alpha 1).
 2. Table 1: variants A (grade from the decoder), B (two steps: segmenter, then a grader on image
@@ -55,6 +56,16 @@ What runs, ``train.runs`` times (seeds ``seed, seed + 1, ...``), every network f
 5. Fig. 6: image, ground truth and every Table 2 network's prediction on IDRiD-S test images
    (red lesions red, yellow lesions yellow, optic disc purple); ``export/mtunet``: the run-0
    MTUnet as a SavedModel (``grade_probs``, ``seg_probs``) with its reload check.
+
+Stages. Each network of each run is one declared stage (:class:`drkeras.stages.Stage`) named
+``run<r>_<network>`` in the group ``<network>`` (a dry run trains run 0 and only builds the data
+of the others): ``initial_segmenter``, ``variant_a``, ``variant_b_step1``, ``variant_b_step2``
+(consumes step 1's network), ``variant_c``, ``grader_<row>`` (these consume the run's
+``initial_segmenter``: its pseudo masks), ``unet``, ``linknet``, ``feature_pyramid``,
+``deeplabv3`` and ``mtunet_idrid_s`` (consumes ``variant_c``: its predicted grades). The
+datasets (IDRiD-S train and test, IDRiD-D test, the external set, the balanced EyePACS set) come
+from ``ctx.data``, cached as the runner decides (``data.cache``); evaluations stream the test
+splits through the metrics.
 
 Dice. Pixel classes are ``method.class_set`` (default background / red = MA + HE / yellow = EX +
 SE / optic disc, mutually exclusive, see :mod:`drkeras.models.mtunet`); a pixel's predicted class
@@ -110,6 +121,7 @@ from drkeras.models.input_scaling import input_scaling
 from drkeras.plots import display_image, new_figure, plot_history, save_figure
 from drkeras.pseudo_masks import pseudo_masks_from_probs
 from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
 from drkeras.training.optim import build_optimizer
 
 __all__ = [
@@ -246,11 +258,17 @@ MTUNET_AUGMENT = dataclasses.replace(
     fill="nearest",
 )
 
+# A pseudo-mask record (``pseudo/run<r>.tfrecord``): the class map of one image of the balanced
+# set (PNG) and its grade, in the order of that set; the image itself is read from the records.
 _PSEUDO_FEATURES = {
-    keys.IMAGE: tf.io.FixedLenFeature([], tf.string),
     "classes": tf.io.FixedLenFeature([], tf.string),
     keys.GRADE: tf.io.FixedLenFeature([], tf.int64),
 }
+
+# The run's datasets (``ctx.data`` keys).
+SEG_TRAIN, SEG_TEST = "idrid_s_train", "idrid_s_test"
+IDRID_TEST, EXTERNAL_TEST = "idrid_d_test", "external_test"
+BALANCED_SET = "grading_balanced"
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -433,21 +451,36 @@ def lesion_group_dice(pred_classes, true_classes, class_set: str = mtunet.DEFAUL
         pred = np.array([[[1, 1, 0, 2]]]); true = np.array([[[1, 0, 0, 2]]])
         lesion_group_dice(pred, true)   # red 2*1/(2+1) = 0.667, yellow 1.0
     """
-    pred_classes, true_classes = np.asarray(pred_classes), np.asarray(true_classes)
-    if pred_classes.shape != true_classes.shape:
-        raise ValueError(
-            f"lesion_group_dice: predicted {pred_classes.shape} and true {true_classes.shape} "
-            "class maps differ in shape"
-        )
-    groups = _class_groups(class_set)
-    names = [name for name, members in groups.items() if members]
-    if not names:
-        raise ValueError(f"class_set {class_set!r} has no red or yellow lesion class")
-    pred = np.stack([np.isin(pred_classes, groups[n]) for n in names], axis=-1)
-    true = np.stack([np.isin(true_classes, groups[n]) for n in names], axis=-1)
-    counter = metrics.SegmentationCounter(names)
-    counter.update(pred, true.astype(np.uint8))
-    return dict(counter.result()["dice_pooled"])
+    dice = _GroupDice(class_set)
+    dice.update(pred_classes, true_classes)
+    return dice.result()
+
+
+class _GroupDice:
+    """:func:`lesion_group_dice` accumulated batch by batch (the counts are summed, so the
+    result equals one call on all the maps)."""
+
+    def __init__(self, class_set: str):
+        groups = _class_groups(class_set)
+        self.names = [name for name, members in groups.items() if members]
+        if not self.names:
+            raise ValueError(f"class_set {class_set!r} has no red or yellow lesion class")
+        self.members = [groups[name] for name in self.names]
+        self.counter = metrics.SegmentationCounter(self.names)
+
+    def update(self, pred_classes, true_classes) -> None:
+        pred_classes, true_classes = np.asarray(pred_classes), np.asarray(true_classes)
+        if pred_classes.shape != true_classes.shape:
+            raise ValueError(
+                f"lesion_group_dice: predicted {pred_classes.shape} and true "
+                f"{true_classes.shape} class maps differ in shape"
+            )
+        pred = np.stack([np.isin(pred_classes, m) for m in self.members], axis=-1)
+        true = np.stack([np.isin(true_classes, m) for m in self.members], axis=-1)
+        self.counter.update(pred, true.astype(np.uint8))
+
+    def result(self) -> Dict[str, float]:
+        return dict(self.counter.result()["dice_pooled"])
 
 
 def dice_table(dice: Mapping[str, Sequence[Mapping[str, float]]], *, title: str) -> ResultsTable:
@@ -518,10 +551,37 @@ def _png(array: np.ndarray) -> bytes:
 
 @tf.autograph.experimental.do_not_convert
 def _parse_pseudo(serialized):
+    """A pseudo-mask record -> ``(classes uint8 [S, S], grade int32)``."""
     ex = tf.io.parse_single_example(serialized, _PSEUDO_FEATURES)
-    image = tf.io.decode_png(ex[keys.IMAGE], channels=3)
     classes = tf.io.decode_png(ex["classes"], channels=1)[..., 0]
-    return image, classes, tf.cast(ex[keys.GRADE], tf.int32)
+    return classes, tf.cast(ex[keys.GRADE], tf.int32)
+
+
+@tf.autograph.experimental.do_not_convert
+def _join_pseudo(example, serialized):
+    """A balanced-set example ``(image, grade)`` and its pseudo-mask record ->
+    ``(image, classes, grade)``. The two were read in the same order; their grades must agree."""
+    image, grade = example
+    classes, recorded = _parse_pseudo(serialized)
+    check = tf.debugging.assert_equal(
+        grade,
+        recorded,
+        message="pseudo masks and balanced images out of step (grades differ): the pseudo-mask "
+        "file does not belong to this selection",
+    )
+    with tf.control_dependencies([check]):
+        classes = tf.identity(classes)
+    return image, classes, grade
+
+
+def _to_uint8(image):
+    """A pipeline image read with ``normalization="unit"`` back to its cached 0-255 uint8."""
+    return tf.cast(tf.round(image * 255.0), tf.uint8)
+
+
+def _shuffle_buffer(count: int) -> int:
+    """Examples the shuffle buffer of a training stream over ``count`` examples holds."""
+    return max(1, min(int(count), 2048))
 
 
 @dataclasses.dataclass
@@ -540,7 +600,13 @@ class _Images:
 
 
 class _Run:
-    """Everything of one ``MTUnetExperiment.run``: data, networks, evaluation, tables."""
+    """One MTUnet run: its declared stages (Fig. 7, Tables 1-4, per run) and its report.
+
+    :meth:`stages` reads the records' labels only (counts, the balanced EyePACS selection) and
+    declares every stage; each stage builds, trains and evaluates its network when the runner
+    executes it, streaming the test splits through the metrics, and records its numbers here
+    for :meth:`report`.
+    """
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -556,6 +622,19 @@ class _Run:
         self.pseudo_dir = ctx.out_dir / "pseudo"
         self.seg_epochs = int(self.method.seg_epochs)
         self.epochs = int(self.config.train.epochs)
+        # Read from the records' labels by stages(): ids, counts, the balanced selection.
+        self.ids: Dict[str, List[str]] = {}
+        self.examples: Dict[str, int] = {}
+        self.grade_counts: Dict[str, np.ndarray] = {}
+        self.selection: Dict[str, List[str]] = {}
+        self.shown = 0
+        # Written by the stages, read by report(): per row, one entry per run that trained.
+        self.dice_scores: Dict[str, List[Dict[str, float]]] = {}
+        self.variant_scores: Dict[str, List[Tuple[float, float]]] = {}
+        self.roc_idrid: Dict[str, List[np.ndarray]] = {}
+        self.roc_external: Dict[str, List[np.ndarray]] = {}
+        self.figure: Dict[str, np.ndarray] = {}
+        self.figure_truth: Optional[Tuple[np.ndarray, np.ndarray]] = None
         self._check()
 
     # -------------------------------------------------------------------------- set-up
@@ -621,25 +700,6 @@ class _Run:
 
     # -------------------------------------------------------------------------- data
 
-    def _read(self, ds, with_masks: bool, what: str) -> _Images:
-        """Materialise a pipeline dataset built with ``normalization="unit"`` as uint8."""
-        images, grades, classes = [], [], []
-        for image, target in ds:
-            images.append(np.round(image.numpy() * 255.0).astype(np.uint8))
-            if with_masks:
-                one_hot = mtunet.masks_to_classes(target[keys.MASKS], self.class_set)
-                classes.append(np.argmax(one_hot.numpy(), axis=-1).astype(np.uint8))
-                grades.append(np.full(len(images[-1]), keys.UNKNOWN, np.int32))
-            else:
-                grades.append(target.numpy().astype(np.int32))
-        if not images:
-            raise ValueError(f"{what}: no image read (expected at least one)")
-        return _Images(
-            np.concatenate(images),
-            np.concatenate(grades),
-            np.concatenate(classes) if with_masks else None,
-        )
-
     def _common(self) -> dict:
         # Images are read at training size as 0-255 values ("unit" * 255); augmentation,
         # Graham and each network's own scaling are applied afterwards, in the pipeline order.
@@ -651,11 +711,13 @@ class _Run:
             graham=False,
             augment=False,
             shuffle=False,
-            cache=False,
         )
 
-    def segmentation_images(self, split: str) -> _Images:
-        """IDRiD-S images of a split whose masks annotate every class of ``class_set``."""
+    def segmentation_ids(self, split: str) -> List[str]:
+        """Ids of the IDRiD-S images of a split whose masks annotate every class of
+        ``class_set`` (from the labels; nothing decoded)."""
+        if split in self.ids:
+            return self.ids[split]
         records = self.ctx.records("idrid")
         labels = pipeline.read_labels(records, split)
         present = mtunet.classes_annotated(labels[keys.MASK_PRESENT], self.class_set).numpy()
@@ -669,10 +731,29 @@ class _Run:
                 f"{records} split {split!r}: no image with every lesion type of class_set "
                 f"{self.class_set!r} annotated (IDRiD-S images were expected)"
             )
-        ds = pipeline.segmentation_dataset(records, split, ids=ids, **self._common())
-        return self._read(ds, with_masks=True, what=f"{records} split {split!r} (IDRiD-S)")
+        self.ids[split] = ids
+        return ids
 
-    def grading_images(self, dataset: str, split: str, ids=None) -> _Images:
+    def segmentation_source(self, split: str, ids: Sequence[str], cache=False) -> tf.data.Dataset:
+        """IDRiD-S images ``ids`` of ``split``, one ``(image uint8 [S, S, 3], classes uint8
+        [S, S] of class_set, grade -1)`` per element; the pipeline caches the decoded examples
+        where ``cache`` says (the runner's choice, ``data.cache``)."""
+        records = self.ctx.records("idrid")
+        ds = pipeline.segmentation_dataset(records, split, ids=ids, cache=cache, **self._common())
+        class_set = self.class_set
+
+        @tf.autograph.experimental.do_not_convert
+        def element(image, target):
+            one_hot = mtunet.masks_to_classes(target[keys.MASKS], class_set)
+            classes = tf.cast(tf.argmax(one_hot, axis=-1), tf.uint8)
+            grades = tf.fill(tf.shape(classes)[:1], keys.UNKNOWN)
+            return _to_uint8(image), classes, grades
+
+        return ds.map(element).unbatch()
+
+    def grading_source(self, dataset: str, split: str, *, ids=None, cache=False) -> tf.data.Dataset:
+        """Graded images (0-4) of a split, one ``(image uint8 [S, S, 3], grade int32)`` per
+        element (``ids``: only these; otherwise ``data.max_examples`` caps the split)."""
         records = self.ctx.records(dataset)
         ds = pipeline.grading_dataset(
             records,
@@ -680,20 +761,75 @@ class _Run:
             ids=ids,
             num_classes=keys.NUM_GRADES,
             max_examples=self.data.max_examples if ids is None else 0,
+            cache=cache,
             **self._common(),
         )
-        images = self._read(
-            ds, with_masks=False, what=f"{records} split {split!r} (graded images 0-4)"
+        return ds.map(lambda image, grade: (_to_uint8(image), tf.cast(grade, tf.int32))).unbatch()
+
+    def balanced_source(self, cache=False) -> tf.data.Dataset:
+        """The balanced image-level set (:meth:`balanced_grading_set`), its splits in sorted
+        order: the images the initial segmenter labels and the EyePACS stage trains on."""
+        parts = [
+            self.grading_source(
+                self.method.grading_set,
+                split,
+                ids=ids,
+                cache=f"{cache}.{split}" if isinstance(cache, str) else cache,
+            )
+            for split, ids in sorted(self.selection.items())
+        ]
+        return functools.reduce(lambda a, b: a.concatenate(b), parts)
+
+    def _materialise(self, ds: tf.data.Dataset, what: str) -> _Images:
+        images, classes, grades = [], [], []
+        for element in ds.batch(self.batch):
+            images.append(element[0].numpy())
+            grades.append(element[-1].numpy())
+            if len(element) == 3:
+                classes.append(element[1].numpy())
+        if not images:
+            raise ValueError(f"{what}: no image read (expected at least one)")
+        return _Images(
+            np.concatenate(images),
+            np.concatenate(grades),
+            np.concatenate(classes) if classes else None,
         )
-        missing = sorted(set(range(keys.NUM_GRADES)) - set(images.grades.tolist()))
-        if ids is None and missing:
+
+    def segmentation_images(self, split: str) -> _Images:
+        """IDRiD-S images of a split held in memory, as the run's evaluation reads them (for
+        inspection and tests; the run itself streams them)."""
+        ids = self.segmentation_ids(split)
+        return self._materialise(
+            self.segmentation_source(split, ids), f"idrid split {split!r} (IDRiD-S)"
+        )
+
+    def grading_images(self, dataset: str, split: str, ids=None) -> _Images:
+        """Graded images of a split held in memory (see :meth:`segmentation_images`)."""
+        return self._materialise(
+            self.grading_source(dataset, split, ids=ids),
+            f"{dataset} split {split!r} (graded images 0-4)",
+        )
+
+    def graded_counts(self, dataset: str, split: str) -> np.ndarray:
+        """Images per grade 0-4 the evaluation of a split reads (from the labels, in record
+        order, capped by ``data.max_examples`` as the pipeline caps it)."""
+        records = self.ctx.records(dataset)
+        grades = pipeline.read_labels(records, split)[keys.GRADE]
+        grades = grades[(grades >= 0) & (grades < keys.NUM_GRADES)]
+        if self.data.max_examples:
+            grades = grades[: self.data.max_examples]
+        if not len(grades):
+            raise ValueError(f"{records} split {split!r}: no graded image (grades 0-4 expected)")
+        counts = np.bincount(grades.astype(np.int64), minlength=keys.NUM_GRADES)
+        missing = [g for g in range(keys.NUM_GRADES) if not counts[g]]
+        if missing:
             log.warning(
                 "%s %s has no image of grade(s) %s: their ROC AUC is undefined (NaN)",
                 dataset,
                 split,
                 missing,
             )
-        return images
+        return counts
 
     def balanced_grading_set(self) -> Dict[str, List[str]]:
         records = self.ctx.records(self.method.grading_set)
@@ -712,6 +848,87 @@ class _Run:
             labels, max_per_grade=self.method.max_per_grade, seed=self.config.seed
         )
 
+    def declare_data(self) -> Dict[str, Data]:
+        """The run's datasets, sized from the records' labels (nothing is decoded here).
+
+        Training streams shuffle ``min(count, 2048)`` decoded examples (:meth:`stream`); the
+        evaluations stream batches through the metrics and hold per image only its five grade
+        probabilities and grade (and, for Fig. 6, the first ``method.figure_images`` test
+        images, their truth and every Table 2 network's prediction).
+        """
+        method = self.method
+        train_ids, test_ids = self.segmentation_ids("train"), self.segmentation_ids("test")
+        self.selection = self.balanced_grading_set()
+        for key, (dataset, split) in {
+            IDRID_TEST: ("idrid", "test"),
+            EXTERNAL_TEST: (method.external, method.external_split),
+        }.items():
+            self.grade_counts[key] = self.graded_counts(dataset, split)
+        self.examples = {
+            SEG_TRAIN: len(train_ids),
+            SEG_TEST: len(test_ids),
+            IDRID_TEST: int(self.grade_counts[IDRID_TEST].sum()),
+            EXTERNAL_TEST: int(self.grade_counts[EXTERNAL_TEST].sum()),
+            BALANCED_SET: sum(len(ids) for ids in self.selection.values()),
+        }
+        self.shown = min(int(method.figure_images), len(test_ids))
+        per_image = 4 * keys.NUM_GRADES + 4  # float32 probabilities and an int32 grade
+        figure = self.shown * self.size**2 * (3 + 1 + len(SEGMENTER_ROWS) + 2)
+        log.info(
+            "IDRiD-S train %d / test %d images, IDRiD-D test %d, %s %s %d, balanced %s %d",
+            self.examples[SEG_TRAIN],
+            self.examples[SEG_TEST],
+            self.examples[IDRID_TEST],
+            method.external,
+            method.external_split,
+            self.examples[EXTERNAL_TEST],
+            method.grading_set,
+            self.examples[BALANCED_SET],
+        )
+        common = dict(size=self.size, batch=self.batch)
+        train = dict(train=True, **common)
+        return {
+            SEG_TRAIN: Data(
+                SEG_TRAIN,
+                lambda cache: self.segmentation_source("train", train_ids, cache),
+                examples=self.examples[SEG_TRAIN],
+                masks=keys.NUM_LESIONS,
+                shuffle_buffer=_shuffle_buffer(self.examples[SEG_TRAIN]),
+                **train,
+            ),
+            SEG_TEST: Data(
+                SEG_TEST,
+                lambda cache: self.segmentation_source("test", test_ids, cache),
+                examples=self.examples[SEG_TEST],
+                masks=keys.NUM_LESIONS,
+                held_bytes=figure,
+                **common,
+            ),
+            IDRID_TEST: Data(
+                IDRID_TEST,
+                lambda cache: self.grading_source("idrid", "test", cache=cache),
+                examples=self.examples[IDRID_TEST],
+                held_bytes=per_image * self.examples[IDRID_TEST],
+                **common,
+            ),
+            EXTERNAL_TEST: Data(
+                EXTERNAL_TEST,
+                lambda cache: self.grading_source(
+                    method.external, method.external_split, cache=cache
+                ),
+                examples=self.examples[EXTERNAL_TEST],
+                held_bytes=per_image * self.examples[EXTERNAL_TEST],
+                **common,
+            ),
+            BALANCED_SET: Data(
+                BALANCED_SET,
+                self.balanced_source,
+                examples=self.examples[BALANCED_SET],
+                shuffle_buffer=_shuffle_buffer(self.examples[BALANCED_SET]),
+                **train,
+            ),
+        }
+
     def stream(
         self,
         source: tf.data.Dataset,
@@ -727,8 +944,8 @@ class _Run:
         ``kind``: ``"seg"`` (targets ``seg_probs``), ``"grade"`` (``grade_probs``) or
         ``"multitask"`` (both). Every network of a table gets the same ``seed``, hence the same
         images, order and augmentation draws; only the input scaling ``mode`` differs.
-        ``parse`` turns ``source`` elements (e.g. serialized records, shuffled before decoding
-        so the shuffle buffer stays small) into such triples.
+        ``parse`` turns ``source`` elements (e.g. an image joined with its serialized pseudo
+        mask, decoded after the shuffle) into such triples.
         """
         num_classes = self.num_classes
         augment, graham = self.data.augment, self.data.graham
@@ -755,7 +972,7 @@ class _Run:
                 targets[keys.GRADE_PROBS] = grade
             return _network_input(image, mode), targets
 
-        ds = source.shuffle(max(1, min(count, 2048)), seed=seed, reshuffle_each_iteration=True)
+        ds = source.shuffle(_shuffle_buffer(count), seed=seed, reshuffle_each_iteration=True)
         ds = ds.repeat()
         if parse is not None:
             ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
@@ -763,46 +980,69 @@ class _Run:
         ds = ds.batch(self.batch).prefetch(tf.data.AUTOTUNE)
         return ds.with_options(pipeline.distribution_options())
 
+    def seg_source(self, grades: Optional[np.ndarray] = None) -> tf.data.Dataset:
+        """IDRiD-S train (``ctx.data``), with ``grades`` instead of its unknown grades."""
+        ds = self.ctx.data(SEG_TRAIN)
+        if grades is None:
+            return ds
+        grades = np.asarray(grades, np.int32)
+        if len(grades) != self.examples[SEG_TRAIN]:
+            raise ValueError(
+                f"{len(grades)} pseudo grades for {self.examples[SEG_TRAIN]} IDRiD-S train images"
+            )
+        joined = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(grades)))
+        return joined.map(lambda example, grade: (example[0], example[1], grade))
+
+    def kaggle_stream(self, pseudo: dict, kind: str, mode: str, *, seed: int):
+        """The EyePACS-stage stream (same for every network of a run): the balanced images
+        (``ctx.data``) joined with the run's pseudo masks, written in the same order by the
+        initial segmenter (``pseudo``: its stage's output)."""
+        source = tf.data.Dataset.zip(
+            (self.ctx.data(BALANCED_SET), tf.data.TFRecordDataset(str(pseudo["path"])))
+        )
+        return self.stream(
+            source, pseudo["count"], kind=kind, mode=mode, seed=seed + 7919, parse=_join_pseudo
+        )
+
     # -------------------------------------------------------------------------- models
+    # Each ``*_fn`` returns a zero-argument builder: with the run's encoder weights for
+    # training, with random weights (``weights=None``) for the plan's Net declarations.
 
     def build(self, name: str, seed: int, builder) -> keras.Model:
         tf.keras.utils.set_random_seed(_stage_seed(seed, name))
         with self.ctx.strategy.scope():
             return builder()
 
-    def vgg16_unet(self, variant: Optional[str], seed: int) -> keras.Model:
-        """MTUnet (variant C), variant A or B, or (``None``) its single-task VGG16-UNet."""
+    def _vgg16_unet_fn(self, variant: Optional[str], weights):
         model_cfg = self.config.model
-        # One seed for the whole family: the layers the networks share start from the same
-        # weights, so single- vs multi-task (and variant) comparisons are paired on the init.
         if variant is None:
-            return self.build(
-                "vgg16_unet",
-                seed,
-                lambda: mtunet.build_vgg16_unet(
-                    input_shape=self.shape,
-                    num_seg_classes=self.num_classes,
-                    num_grades=None,
-                    encoder_weights=model_cfg.encoder_weights,
-                    width=model_cfg.width,
-                    name="initial_segmenter",
-                ),
-            )
-        return self.build(
-            "vgg16_unet",
-            seed,
-            lambda: mtunet.build_mtunet(
+            return lambda: mtunet.build_vgg16_unet(
                 input_shape=self.shape,
-                variant=variant,
-                class_set=self.class_set,
-                num_grades=model_cfg.num_grades,
-                encoder_weights=model_cfg.encoder_weights,
+                num_seg_classes=self.num_classes,
+                num_grades=None,
+                encoder_weights=weights,
                 width=model_cfg.width,
-                dropout=model_cfg.dropout,
-            ),
+                name="initial_segmenter",
+            )
+        return lambda: mtunet.build_mtunet(
+            input_shape=self.shape,
+            variant=variant,
+            class_set=self.class_set,
+            num_grades=model_cfg.num_grades,
+            encoder_weights=weights,
+            width=model_cfg.width,
+            dropout=model_cfg.dropout,
         )
 
-    def segmenter(self, name: str, seed: int) -> keras.Model:
+    def vgg16_unet(self, variant: Optional[str], seed: int) -> keras.Model:
+        """MTUnet (variant C), variant A or B, or (``None``) its single-task VGG16-UNet."""
+        # One seed for the whole family: the layers the networks share start from the same
+        # weights, so single- vs multi-task (and variant) comparisons are paired on the init.
+        return self.build(
+            "vgg16_unet", seed, self._vgg16_unet_fn(variant, self.config.model.encoder_weights)
+        )
+
+    def _segmenter_fn(self, name: str, weights):
         width = self.config.model.width
 
         def scaled(filters):
@@ -825,18 +1065,17 @@ class _Run:
                 head_filters=scaled(256),
             ),
         }[name]
-        return self.build(
+        return lambda: baselines.build_segmenter(
             name,
-            seed,
-            lambda: baselines.build_segmenter(
-                name,
-                input_shape=self.shape,
-                num_classes=self.num_classes,
-                activation="softmax",
-                encoder_weights=self.config.model.encoder_weights,
-                **options,
-            ),
+            input_shape=self.shape,
+            num_classes=self.num_classes,
+            activation="softmax",
+            encoder_weights=weights,
+            **options,
         )
+
+    def segmenter(self, name: str, seed: int) -> keras.Model:
+        return self.build(name, seed, self._segmenter_fn(name, self.config.model.encoder_weights))
 
     def segmenter_family(self, name: str) -> str:
         """The encoder of a Table 2 baseline, as named in the input-scaling table."""
@@ -844,7 +1083,7 @@ class _Run:
             return self.method.deeplab_backbone
         return self.method.segmenter_backbone
 
-    def grader(self, row: str, name: str, seed: int) -> keras.Model:
+    def _grader_fn(self, name: str, weights):
         model_cfg = self.config.model
         if name == VGG16_GRADER:
 
@@ -856,18 +1095,54 @@ class _Run:
                 )
                 return keras.Model(inputs, head, name="vgg16_grader")
 
-        else:
+            return builder
+        return lambda: baselines.build_grader(
+            name,
+            input_shape=self.shape,
+            num_grades=model_cfg.num_grades,
+            encoder_weights=weights,
+            dropout=model_cfg.dropout,
+        )
 
-            def builder():
-                return baselines.build_grader(
-                    name,
-                    input_shape=self.shape,
-                    num_grades=model_cfg.num_grades,
-                    encoder_weights=model_cfg.encoder_weights,
-                    dropout=model_cfg.dropout,
-                )
+    def grader(self, row: str, name: str, seed: int) -> keras.Model:
+        return self.build(
+            f"grader_{row}", seed, self._grader_fn(name, self.config.model.encoder_weights)
+        )
 
-        return self.build(f"grader_{row}", seed, builder)
+    def _variant_b_fn(self, step: int):
+        """Variant B as its step ``step`` trains it (the other sub-network frozen), for the
+        plan's count of trained weights."""
+        build = self._vgg16_unet_fn("B", None)
+
+        def builder():
+            model = build()
+            model.get_layer("segmenter").trainable = step == 1
+            model.get_layer("grader").trainable = step == 2
+            return model
+
+        return builder
+
+    def nets(self) -> Dict[str, Net]:
+        """Every network of a run, with random weights (the plan reads shapes only)."""
+        name = self.config.optimizers["model"].name
+        optimizer = name if name in ("adam", "sgd", "rmsprop") else "adam"
+
+        def net(key, build):
+            return Net(key, build, optimizer=optimizer)
+
+        out = {
+            "vgg16_unet": net("vgg16_unet", self._vgg16_unet_fn(None, None)),
+            "mtunet_a": net("mtunet_a", self._vgg16_unet_fn("A", None)),
+            "mtunet_b_step1": net("mtunet_b_step1", self._variant_b_fn(1)),
+            "mtunet_b_step2": net("mtunet_b_step2", self._variant_b_fn(2)),
+            "mtunet_c": net("mtunet_c", self._vgg16_unet_fn("C", None)),
+        }
+        for row, grader in zip(GRADER_ROWS, self.method.graders):
+            key = f"grader_{_slug(row)}"
+            out[key] = net(key, self._grader_fn(grader, None))
+        for segmenter in SEGMENTER_ROWS.values():
+            out[segmenter] = net(segmenter, self._segmenter_fn(segmenter, None))
+        return out
 
     def optimizer(self):
         return build_optimizer(self.config.optimizers["model"])
@@ -903,77 +1178,113 @@ class _Run:
                 model, step=step, optimizer=self.optimizer(), run_eagerly=self.method.run_eagerly
             )
 
-    def fit(self, model, data, stage: str, count: int, epochs: int) -> None:
-        self.ctx.fit(model, data, stage=stage, epochs=epochs, steps_per_epoch=self._steps(count))
+    def fit(self, model, data, count: int, epochs: int) -> None:
+        """``ctx.fit`` of the stage being executed (its name is the stage's)."""
+        self.ctx.fit(model, data, epochs=epochs, steps_per_epoch=self._steps(count))
 
     # -------------------------------------------------------------------------- prediction
 
+    def forward(self, model: keras.Model, images, mode: str, key: str) -> np.ndarray:
+        """``model``'s output ``key`` on one batch of uint8 images."""
+        x = tf.cast(tf.convert_to_tensor(images), tf.float32)
+        if self.data.graham:
+            x = preprocess.graham(x)
+        x = _network_input(x, mode)
+        out = model(x, training=False) if self.method.run_eagerly else model.predict_on_batch(x)
+        return np.asarray(out[key])
+
     def outputs(self, model: keras.Model, images: np.ndarray, mode: str, key: str) -> np.ndarray:
         """``model``'s output ``key`` on uint8 images, in batches of ``data.batch_size``."""
-        parts = []
-        for start in range(0, len(images), self.batch):
-            x = tf.constant(images[start : start + self.batch], tf.float32)
-            if self.data.graham:
-                x = preprocess.graham(x)
-            x = _network_input(x, mode)
-            out = model(x, training=False) if self.method.run_eagerly else model.predict_on_batch(x)
-            parts.append(np.asarray(out[key]))
+        parts = [
+            self.forward(model, images[start : start + self.batch], mode, key)
+            for start in range(0, len(images), self.batch)
+        ]
         return np.concatenate(parts)
 
-    def predict_classes(self, model, images: _Images, mode: str) -> np.ndarray:
-        probs = self.outputs(model, images.images, mode, keys.SEG_PROBS)
-        return np.argmax(probs, axis=-1).astype(np.uint8)
+    def _batches(self, key: str) -> tf.data.Dataset:
+        return self.ctx.data(key).batch(self.batch)
 
-    def dice(self, model, images: _Images, mode: str) -> Tuple[Dict[str, float], np.ndarray]:
-        """Pooled red / yellow Dice in percent, and the predicted class maps."""
-        pred = self.predict_classes(model, images, mode)
-        scores = lesion_group_dice(pred, images.classes, self.class_set)
-        return {k: 100.0 * v for k, v in scores.items()}, pred
+    def dice(self, model, mode: str, *, keep: int = 0) -> Tuple[Dict[str, float], np.ndarray]:
+        """Pooled red / yellow Dice in percent on IDRiD-S test, streamed batch by batch, and
+        the predicted class maps of its first ``keep`` images (Fig. 6; their images and truth
+        are kept once, in ``figure_truth``)."""
+        counter = _GroupDice(self.class_set)
+        kept, truth = [], []
+        for images, classes, _ in self._batches(SEG_TEST):
+            pred = np.argmax(self.forward(model, images, mode, keys.SEG_PROBS), axis=-1)
+            pred = pred.astype(np.uint8)
+            classes = classes.numpy()
+            counter.update(pred, classes)
+            room = keep - sum(len(p) for p in kept)
+            if room > 0:
+                kept.append(pred[:room])
+                truth.append((images.numpy()[:room], classes[:room]))
+        if keep and self.figure_truth is None:
+            self.figure_truth = tuple(np.concatenate(parts) for parts in zip(*truth))
+        scores = {k: 100.0 * v for k, v in counter.result().items()}
+        shown = np.concatenate(kept) if kept else np.zeros((0, self.size, self.size), np.uint8)
+        return scores, shown
 
-    def roc(self, model, images: _Images, mode: str) -> np.ndarray:
-        """One-vs-rest ROC AUC per grade in percent, ``[5]`` (Tables 3-4)."""
-        probs = self.outputs(model, images.images, mode, keys.GRADE_PROBS)
-        return 100.0 * metrics.one_vs_rest_auc(images.grades, probs)
+    def roc(self, model, key: str, mode: str) -> np.ndarray:
+        """One-vs-rest ROC AUC per grade in percent, ``[5]`` (Tables 3-4), on dataset
+        ``key`` streamed batch by batch (only the probabilities are kept)."""
+        probs, grades = [], []
+        for images, grade in self._batches(key):
+            probs.append(self.forward(model, images, mode, keys.GRADE_PROBS))
+            grades.append(grade.numpy())
+        grades = np.concatenate(grades)
+        counts = np.bincount(grades, minlength=keys.NUM_GRADES)
+        if counts.tolist() != self.grade_counts[key].tolist():
+            raise RuntimeError(
+                f"{key}: read {counts.tolist()} images per grade, the labels count "
+                f"{self.grade_counts[key].tolist()} (the tables' titles would be wrong)"
+            )
+        return 100.0 * metrics.one_vs_rest_auc(grades, np.concatenate(probs))
 
-    # -------------------------------------------------------------------------- stages
+    def predict_grades(self, model, mode: str) -> np.ndarray:
+        """Predicted grades of the IDRiD-S train images (Table 2's MTUNet trains on them)."""
+        parts = [
+            np.argmax(self.forward(model, images, mode, keys.GRADE_PROBS), axis=-1)
+            for images, _, _ in self._batches(SEG_TRAIN)
+        ]
+        return np.concatenate(parts).astype(np.int32)
 
-    def write_pseudo_set(self, segmenter, mode: str, path: pathlib.Path, selection) -> int:
-        """Fig. 7: pseudo masks for the balanced image-level set, written as TFRecords.
+    # -------------------------------------------------------------------------- pseudo masks
+
+    def write_pseudo_set(self, segmenter, mode: str, path: pathlib.Path) -> int:
+        """Fig. 7 (b): pseudo masks of the balanced image-level set (``ctx.data``), written
+        as TFRecords (class map PNG and grade) in the order of that set.
 
         Returns the number of images written.
         """
-        records = self.ctx.records(self.method.grading_set)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         count = 0
         pixels = np.zeros(self.num_classes, np.int64)
         with tf.io.TFRecordWriter(str(tmp)) as writer:
-            for split, ids in sorted(selection.items()):
-                ds = pipeline.grading_dataset(
-                    records, split, ids=ids, num_classes=keys.NUM_GRADES, **self._common()
-                )
-                for image, grade in ds:
-                    raw = np.round(image.numpy() * 255.0).astype(np.uint8)
-                    probs = self.outputs(segmenter, raw, mode, keys.SEG_PROBS)
-                    masks = pseudo_masks_from_probs(probs, grade, class_set=self.class_set)
-                    classes = np.argmax(masks.numpy(), axis=-1).astype(np.uint8)
-                    pixels += np.bincount(classes.ravel(), minlength=self.num_classes)
-                    for k in range(len(raw)):
-                        feature = {
-                            keys.IMAGE: tf.train.Feature(
-                                bytes_list=tf.train.BytesList(value=[_png(raw[k])])
-                            ),
-                            "classes": tf.train.Feature(
-                                bytes_list=tf.train.BytesList(value=[_png(classes[k][..., None])])
-                            ),
-                            keys.GRADE: tf.train.Feature(
-                                int64_list=tf.train.Int64List(value=[int(grade[k])])
-                            ),
-                        }
-                        example = tf.train.Example(features=tf.train.Features(feature=feature))
-                        writer.write(example.SerializeToString())
-                        count += 1
+            for raw, grade in self._batches(BALANCED_SET):
+                probs = self.forward(segmenter, raw, mode, keys.SEG_PROBS)
+                masks = pseudo_masks_from_probs(probs, grade, class_set=self.class_set)
+                classes = np.argmax(masks.numpy(), axis=-1).astype(np.uint8)
+                pixels += np.bincount(classes.ravel(), minlength=self.num_classes)
+                for k in range(len(classes)):
+                    feature = {
+                        "classes": tf.train.Feature(
+                            bytes_list=tf.train.BytesList(value=[_png(classes[k][..., None])])
+                        ),
+                        keys.GRADE: tf.train.Feature(
+                            int64_list=tf.train.Int64List(value=[int(grade[k])])
+                        ),
+                    }
+                    example = tf.train.Example(features=tf.train.Features(feature=feature))
+                    writer.write(example.SerializeToString())
+                    count += 1
         tmp.replace(path)
+        if count != self.examples[BALANCED_SET]:
+            raise RuntimeError(
+                f"{path}: {count} pseudo masks written for {self.examples[BALANCED_SET]} "
+                "selected images"
+            )
         shares = ", ".join(
             f"{name} {100.0 * n / max(pixels.sum(), 1):.2f} %"
             for name, n in zip(self.class_names, pixels)
@@ -982,108 +1293,231 @@ class _Run:
         return count
 
     @staticmethod
-    def memory_source(images: _Images, grades: Optional[np.ndarray] = None) -> tf.data.Dataset:
-        grades = images.grades if grades is None else np.asarray(grades, np.int32)
-        return tf.data.Dataset.from_tensor_slices((images.images, images.classes, grades))
-
-    def kaggle_stream(self, path: pathlib.Path, count: int, kind: str, mode: str, *, seed: int):
-        """The EyePACS-stage stream over the pseudo-labelled set (same for every network)."""
-        return self.stream(
-            tf.data.TFRecordDataset(str(path)),
-            count,
-            kind=kind,
-            mode=mode,
-            seed=seed + 7919,
-            parse=_parse_pseudo,
-        )
-
-    @staticmethod
     def release() -> None:
         """Free the last network (call once it is unreachable): large graders in turn."""
         gc.collect()
         tf.keras.backend.clear_session()
 
-    # -------------------------------------------------------------------------- trainings
-    # Each builds, trains and evaluates one network and returns only numbers, so the network
-    # is unreachable when it returns and release() frees it.
+    # -------------------------------------------------------------------------- stages
 
-    def initial_segmenter(self, seg_train, seg_test, pseudo_path, selection, seed, tag):
-        """Fig. 7 (a)-(b): returns (Dice %, predicted test classes, pseudo-labelled count)."""
+    def stages(self) -> List[Stage]:
+        """Every stage of every run, in order (per run: Fig. 7 (a)-(b), Table 1's variants,
+        Tables 3-4's graders, Table 2's segmenters); stages differing only by run share a
+        group."""
+        data = self.declare_data()
+        nets = self.nets()
+
+        def evaluation(key):
+            return dataclasses.replace(data[key], train=False, shuffle_buffer=0)
+
+        seg_train, balanced = data[SEG_TRAIN], data[BALANCED_SET]
+        tests = [evaluation(SEG_TEST), evaluation(IDRID_TEST), evaluation(EXTERNAL_TEST)]
+        seg = dict(steps=self._steps(seg_train.examples), epochs=self.seg_epochs)
+        kaggle = dict(steps=self._steps(balanced.examples), epochs=self.epochs)
+        init = ("initial_segmenter",)
+        declared = []
+        for run in range(int(self.config.train.runs)):
+            stage = functools.partial(self._declare, declared, run)
+            stage(
+                "initial_segmenter",
+                self._initial_segmenter,
+                nets=[nets["vgg16_unet"]],
+                data=[seg_train, evaluation(SEG_TEST), evaluation(BALANCED_SET)],
+                **seg,
+            )
+            stage(
+                "variant_a",
+                self._variant,
+                "A",
+                nets=[nets["mtunet_a"]],
+                data=[balanced, *tests],
+                consumes=init,
+                **kaggle,
+            )
+            stage(
+                "variant_b_step1",
+                self._variant_b_step1,
+                nets=[nets["mtunet_b_step1"]],
+                data=[balanced],
+                consumes=init,
+                release=False,  # its model goes on to step 2
+                **kaggle,
+            )
+            stage(
+                "variant_b_step2",
+                self._variant,
+                "B",
+                nets=[nets["mtunet_b_step2"]],
+                data=[balanced, *tests],
+                consumes=init + ("variant_b_step1",),
+                **kaggle,
+            )
+            stage(
+                "variant_c",
+                self._variant,
+                "C",
+                nets=[nets["mtunet_c"]],
+                data=[balanced, *tests, evaluation(SEG_TRAIN)],
+                consumes=init,
+                **kaggle,
+            )
+            for row, name in zip(GRADER_ROWS, self.method.graders):
+                stage(
+                    f"grader_{_slug(row)}",
+                    self._grader,
+                    row,
+                    name,
+                    nets=[nets[f"grader_{_slug(row)}"]],
+                    data=[balanced, tests[1], tests[2]],
+                    consumes=init,
+                    **kaggle,
+                )
+            for row, name in SEGMENTER_ROWS.items():
+                stage(
+                    _slug(row),
+                    self._segmenter,
+                    row,
+                    name,
+                    nets=[nets[name]],
+                    data=[seg_train, tests[0]],
+                    **seg,
+                )
+            stage(
+                "mtunet_idrid_s",
+                self._segmenter,
+                MTUNET_T2_ROW,
+                None,
+                nets=[nets["mtunet_c"]],
+                data=[seg_train, tests[0]],
+                consumes=("variant_c",),
+                **seg,
+            )
+        return declared
+
+    def _declare(
+        self, declared: list, run: int, name: str, work, *args, consumes=(), release=True, **options
+    ) -> None:
+        """Append stage ``run<run>_<name>`` of group ``name`` to ``declared``: it runs
+        ``work(run, *args, inputs)``, ``inputs`` mapping the short names of ``consumes`` (same
+        run) to their outputs, and frees the network afterwards unless ``release`` is False."""
+        tag = f"run{run}"
+        names = {f"{tag}_{short}": short for short in consumes}
+
+        def execute(inputs):
+            output = work(run, *args, {names[k]: v for k, v in inputs.items()})
+            if release:
+                self.release()
+            return output
+
+        declared.append(
+            Stage(
+                f"{tag}_{name}",
+                run=execute,
+                batch=self.batch,
+                consumes=tuple(names),
+                group=name,
+                **options,
+            )
+        )
+
+    # Each stage's work builds, trains and evaluates one network, records its numbers and
+    # returns only what later stages consume, so the network is unreachable afterwards.
+
+    def _initial_segmenter(self, run: int, inputs) -> dict:
+        """Fig. 7 (a)-(b): the initial segmenter; returns its pseudo masks' file and count."""
+        seed = _run_seed(self.config, run)
         mode = self._input_mode(VGG16_ENCODER)
         model = self.vgg16_unet(None, seed)
         self.compile_seg(model)
-        stream = self.stream(
-            self.memory_source(seg_train), len(seg_train), kind="seg", mode=mode, seed=seed
-        )
-        self.fit(model, stream, f"{tag}_initial_segmenter", len(seg_train), self.seg_epochs)
-        scores, pred = self.dice(model, seg_test, mode)
-        written = self.write_pseudo_set(model, mode, pseudo_path, selection)
-        return scores, pred, written
+        count = self.examples[SEG_TRAIN]
+        stream = self.stream(self.seg_source(), count, kind="seg", mode=mode, seed=seed)
+        self.fit(model, stream, count, self.seg_epochs)
+        scores, pred = self.dice(model, mode, keep=self.shown if run == 0 else 0)
+        self.dice_scores.setdefault(SINGLE_TASK_ROW, []).append(scores)
+        if run == 0:
+            self.figure["VGG16-UNet (single task)"] = pred
+        path = self.pseudo_dir / f"run{run}.tfrecord"
+        return {"path": path, "count": self.write_pseudo_set(model, mode, path)}
 
-    def variant(self, variant, kaggle, count, tests, seed, tag, *, grade_images, export):
-        """Table 1 (and, for C, Tables 3-4): one variant trained on the pseudo-labelled set.
-
-        Returns ``{"dice", "roc"}`` (Table 1 aggregates), ``"auc"`` / ``"auc_external"``
-        (per grade) and, with ``grade_images``, their predicted ``"grades"``.
-        """
-        seg_test, idrid_test, external_test = tests
+    def _variant_b_step1(self, run: int, inputs) -> keras.Model:
+        """Variant B, step 1 (Fig. 3): its segmenter on the pseudo masks."""
+        seed, pseudo = _run_seed(self.config, run), inputs["initial_segmenter"]
         mode = self._input_mode(VGG16_ENCODER)
-        model = self.vgg16_unet(variant, seed)
-        stage = f"{tag}_variant_{variant.lower()}"
-        if variant == "B":
-            # Two steps (Fig. 3): the segmenter on the masks, then the grader on the grades.
-            self.compile_step(model, 1)
-            self.fit(model, kaggle("seg", mode), f"{stage}_step1", count, self.epochs)
-            self.compile_step(model, 2)
-            self.fit(model, kaggle("grade", mode), f"{stage}_step2", count, self.epochs)
-        else:
-            self.compile_multitask(model)
-            self.fit(model, kaggle("multitask", mode), stage, count, self.epochs)
-        scores, _ = self.dice(model, seg_test, mode)
-        auc = self.roc(model, idrid_test, mode)
-        result = {
-            "dice": float(np.mean(list(scores.values()))),
-            "roc": float(np.nanmean(auc)),
-            "auc": auc,
-            "auc_external": self.roc(model, external_test, mode),
-        }
-        if grade_images is not None:
-            probs = self.outputs(model, grade_images.images, mode, keys.GRADE_PROBS)
-            result["grades"] = np.argmax(probs, axis=-1).astype(np.int32)
-        if export:
-            self.export(model, mode)
-        return result
+        model = self.vgg16_unet("B", seed)
+        self.compile_step(model, 1)
+        stream = self.kaggle_stream(pseudo, "seg", mode, seed=seed)
+        self.fit(model, stream, pseudo["count"], self.epochs)
+        return model
 
-    def grader_run(self, row, name, kaggle, count, tests, seed, tag):
-        """Tables 3-4: one grader; returns its per-grade AUCs (IDRiD-D, external set)."""
-        _, idrid_test, external_test = tests
+    def _variant(self, run: int, variant: str, inputs) -> Optional[dict]:
+        """Table 1 (and, for C, Tables 3-4): one variant trained on the pseudo-labelled set
+        (B: its step 2, the grader on the grades, after step 1); C returns its predicted
+        grades of the IDRiD-S train images, for Table 2's MTUNet."""
+        seed, pseudo = _run_seed(self.config, run), inputs["initial_segmenter"]
+        mode = self._input_mode(VGG16_ENCODER)
+        if variant == "B":
+            model = inputs["variant_b_step1"]
+            self.compile_step(model, 2)
+            kind = "grade"
+        else:
+            model = self.vgg16_unet(variant, seed)
+            self.compile_multitask(model)
+            kind = "multitask"
+        stream = self.kaggle_stream(pseudo, kind, mode, seed=seed)
+        self.fit(model, stream, pseudo["count"], self.epochs)
+        scores, _ = self.dice(model, mode)
+        auc = self.roc(model, IDRID_TEST, mode)
+        auc_external = self.roc(model, EXTERNAL_TEST, mode)
+        row = next(r for r, v in VARIANT_ROWS.items() if v == variant)
+        self.variant_scores.setdefault(row, []).append(
+            (float(np.mean(list(scores.values()))), float(np.nanmean(auc)))
+        )
+        if variant != "C":
+            return None
+        self.roc_idrid.setdefault(MTUNET_GRADING_ROW, []).append(auc)
+        self.roc_external.setdefault(MTUNET_GRADING_ROW, []).append(auc_external)
+        grades = self.predict_grades(model, mode)
+        if run == 0 and self.ctx.is_chief:
+            self.export(model, mode)
+        return {"grades": grades}
+
+    def _grader(self, run: int, row: str, name: str, inputs) -> None:
+        """Tables 3-4: one grader on the pseudo-labelled set's grades."""
+        seed, pseudo = _run_seed(self.config, run), inputs["initial_segmenter"]
         mode = self._input_mode(name)
         model = self.grader(row, name, seed)
         self.compile_grader(model)
-        self.fit(model, kaggle("grade", mode), f"{tag}_grader_{_slug(row)}", count, self.epochs)
-        return self.roc(model, idrid_test, mode), self.roc(model, external_test, mode)
+        stream = self.kaggle_stream(pseudo, "grade", mode, seed=seed)
+        self.fit(model, stream, pseudo["count"], self.epochs)
+        self.roc_idrid.setdefault(row, []).append(self.roc(model, IDRID_TEST, mode))
+        self.roc_external.setdefault(row, []).append(self.roc(model, EXTERNAL_TEST, mode))
 
-    def segmenter_run(self, row, name, seg_train, seg_test, pseudo_grades, seed, tag):
-        """Table 2: a baseline (``name``) or, for ``name=None``, MTUNet with pseudo grades."""
+    def _segmenter(self, run: int, row: str, name: Optional[str], inputs) -> None:
+        """Table 2: a baseline (``name``) or, for ``name=None``, MTUNet with the pseudo grades
+        of the run's variant C."""
+        seed = _run_seed(self.config, run)
         if name is None:
             mode = self._input_mode(VGG16_ENCODER)
             model = self.vgg16_unet("C", seed)
             self.compile_multitask(model)
-            source, kind = self.memory_source(seg_train, pseudo_grades), "multitask"
+            source, kind = self.seg_source(inputs["variant_c"]["grades"]), "multitask"
         else:
             mode = self._input_mode(self.segmenter_family(name))
             model = self.segmenter(name, seed)
             self.compile_seg(model)
-            source, kind = self.memory_source(seg_train), "seg"
-        stream = self.stream(source, len(seg_train), kind=kind, mode=mode, seed=seed)
-        stage = f"{tag}_{_slug(row)}" if name else f"{tag}_mtunet_idrid_s"
-        self.fit(model, stream, stage, len(seg_train), self.seg_epochs)
-        return self.dice(model, seg_test, mode)
+            source, kind = self.seg_source(), "seg"
+        count = self.examples[SEG_TRAIN]
+        stream = self.stream(source, count, kind=kind, mode=mode, seed=seed)
+        self.fit(model, stream, count, self.seg_epochs)
+        scores, pred = self.dice(model, mode, keep=self.shown if run == 0 else 0)
+        self.dice_scores.setdefault(row, []).append(scores)
+        if run == 0:
+            self.figure[row] = pred
 
     def export(self, model: keras.Model, mode: str) -> None:
         """``export/mtunet``: serving signatures, reload-checked. The served input is the
         evaluation transform of ``outputs`` on the pipeline-read images (field of view resized
-        and rounded to uint8 as ``_read`` stores it, ``data.graham``, the network's scaling
+        and rounded to uint8 as the sources store it, ``data.graham``, the network's scaling
         ``mode``): :func:`drkeras.export.pipeline_preprocess`."""
         export_model(
             model,
@@ -1095,6 +1529,160 @@ class _Run:
             output_names=[keys.GRADE_PROBS, keys.SEG_PROBS],
             channels={keys.SEG_PROBS: mtunet.CLASS_SETS[self.class_set]},
         )
+
+    # -------------------------------------------------------------------------- report
+
+    def report(self) -> List[ResultsTable]:
+        """Tables 1-4 (our numbers beside the paper's; a run whose stage did not train, e.g.
+        in a dry run, adds nothing to a cell), Fig. 6, ``history.png`` and the comparison."""
+        tables = self._tables()
+        self._figures()
+        self._compare()
+        return tables
+
+    def _tables(self) -> List[ResultsTable]:
+        config, method = self.config, self.method
+        summary = run_config_summary(config)
+        runs = int(config.train.runs)
+        budget = (
+            f"EyePACS stage: {self.examples[BALANCED_SET]} balanced images, "
+            f"{config.train.epochs} epoch(s); IDRiD-S stage: {method.seg_epochs} epoch(s)"
+        )
+        t1 = ResultsTable(
+            "table1",
+            "Table 1: MTUnet variants; Dice = mean of pooled red and yellow Dice on IDRiD-S test, "
+            f"ROC = mean one-vs-rest AUC over 5 grades on IDRiD-D test ({summary}; {budget})",
+            [DICE, ROC],
+            row_header="Network",
+            paper=PAPER_TABLE1,
+            digits=2,
+        )
+        for row in VARIANT_ROWS:
+            values = self.variant_scores.get(row, [])
+            if values:
+                t1.add(row, DICE, [v[0] for v in values])
+                t1.add(row, ROC, [v[1] for v in values])
+
+        seg_note = (
+            f"UNet/LinkNet/Feature Pyramid encoder {method.segmenter_backbone}; DeepLabv3 row: "
+            f"keras-cv DeepLabV3+ on {method.deeplab_backbone}"
+        )
+        t2 = dice_table(
+            self.dice_scores,
+            title=f"Table 2: Dice (%) pooled over IDRiD-S test ({self.examples[SEG_TEST]} "
+            f"images), mean ± std over {runs} run(s); {seg_note}; the paper finds MTUNet > "
+            f"LinkNet significant at 10 % (paired t-test) ({summary}; {budget})",
+        )
+
+        substitutes = [
+            f"{row} = {name}"
+            for row, name in zip(GRADER_ROWS, method.graders)
+            if name not in _ROW_ARCHITECTURES[row] or name == "nasnet_mobile"
+        ]
+        grader_note = "graders: " + (", ".join(substitutes) if substitutes else "as in the paper")
+        tables = [t1, t2]
+        for name, paper, results, key, where in (
+            ("table3", PAPER_TABLE3, self.roc_idrid, IDRID_TEST, "IDRiD-D test"),
+            (
+                "table4",
+                PAPER_TABLE4,
+                self.roc_external,
+                EXTERNAL_TEST,
+                f"{method.external} {method.external_split} (instead of the private SiDRP14-15)",
+            ),
+        ):
+            counts = self.grade_counts[key]
+            table = ResultsTable(
+                name,
+                f"Table {name[-1]}: one-vs-rest ROC AUC (%) per DR level on {where}, "
+                f"{int(counts.sum())} images (per grade {counts.tolist()}), mean ± std over "
+                f"{runs} run(s); trained on the balanced {method.grading_set} set; "
+                f"{grader_note} ({summary}; {budget})",
+                list(GRADE_COLUMNS),
+                row_header="Network",
+                paper={
+                    row: dict(zip(GRADE_COLUMNS, (v[0] for v in cells)))
+                    for row, cells in paper.items()
+                },
+                digits=2,
+            )
+            for row in list(GRADER_ROWS) + [MTUNET_GRADING_ROW]:
+                if not results.get(row):
+                    continue
+                values = np.stack(results[row])
+                for k, column in enumerate(GRADE_COLUMNS):
+                    table.add(row, column, values[:, k])
+            tables.append(table)
+        return tables
+
+    def _figures(self) -> None:
+        if self.figure and self.figure_truth is not None:
+            images, truths = self.figure_truth
+            path = plot_segmentation_comparison(
+                images,
+                truths,
+                self.figure,
+                self.ctx.out_dir / "fig6_segmentation.png",
+                class_set=self.class_set,
+                title="Fig. 6: IDRiD-S test, run 0 (red: red lesions, yellow: yellow lesions, "
+                "purple: optic disc)",
+            )
+            log.info("Fig. 6 written to %s", path)
+        if self.ctx.history_path.is_file():
+            plot_history(self.ctx.history_path, self.ctx.out_dir / "history.png")
+
+    def _compare(self) -> dict:
+        """Item 5 of the reproduction: is MTUNet's lesion Dice not worse than single-task
+        UNet's at equal budget? Printed, and saved as ``comparison.json``."""
+        dice = self.dice_scores
+
+        def summary(row):
+            out = {}
+            for column in (RED, YELLOW):
+                values = [s[column] for s in dice[row]]
+                mean, std = metrics.mean_std(values)
+                out[column] = {"mean": mean, "std": std, "runs": values}
+            out["lesion mean"] = float(np.mean([out[c]["mean"] for c in (RED, YELLOW)]))
+            return out
+
+        rows = {row: summary(row) for row in (MTUNET_T2_ROW, "UNet", SINGLE_TASK_ROW)}
+        mt = rows[MTUNET_T2_ROW]["lesion mean"]
+        verdicts = {
+            row: ("not worse" if mt >= rows[row]["lesion mean"] else "worse")
+            for row in ("UNet", SINGLE_TASK_ROW)
+        }
+        result = {
+            "data": self.data.source,
+            "runs": int(self.config.train.runs),
+            "budget": f"{self.method.seg_epochs} epoch(s) on IDRiD-S train, batch {self.batch}, "
+            f"{self.size} px",
+            "dice_percent": rows,
+            "mtunet_vs": verdicts,
+        }
+        (self.ctx.out_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
+
+        def fmt(row, column):
+            cell = rows[row][column]
+            std = "" if math.isnan(cell["std"]) else f" ± {cell['std']:.2f}"
+            return f"{cell['mean']:.2f}{std}"
+
+        lines = [
+            "",
+            f"MTUnet vs single-task UNet at equal budget ({result['budget']}; pooled Dice % on "
+            f"IDRiD-S test, mean ± std over {result['runs']} run(s), data={self.data.source}):",
+        ]
+        for column in (RED, YELLOW):
+            lines.append(
+                f"  {column:15s} MTUNet {fmt(MTUNET_T2_ROW, column)} | UNet "
+                f"{fmt('UNet', column)} | VGG16-UNet single task {fmt(SINGLE_TASK_ROW, column)}"
+            )
+        for row, verdict in verdicts.items():
+            lines.append(
+                f"  MTUNet's lesion Dice (mean of red and yellow, {mt:.2f}) is {verdict} than "
+                f"{row}'s ({rows[row]['lesion mean']:.2f})"
+            )
+        print("\n".join(lines))
+        return result
 
 
 # ------------------------------------------------------------------------------ figures
@@ -1177,243 +1765,31 @@ class MTUnetExperiment(Experiment):
     title = "MTUnet: multi-task DR grading and lesion segmentation (Foo et al. 2020)"
     presets = {"smoke": SMOKE, "paper": PAPER}
 
-    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
-        r = _Run(ctx)
-        config, method = ctx.config, ctx.config.method
-        runs = int(config.train.runs)
-        seg_train = r.segmentation_images("train")
-        seg_test = r.segmentation_images("test")
-        idrid_test = r.grading_images("idrid", "test")
-        external_test = r.grading_images(method.external, method.external_split)
-        selection = r.balanced_grading_set()
-        pseudo_count = sum(len(v) for v in selection.values())
-        log.info(
-            "IDRiD-S train %d / test %d images, IDRiD-D test %d, %s %s %d, balanced %s %d",
-            len(seg_train),
-            len(seg_test),
-            len(idrid_test),
-            method.external,
-            method.external_split,
-            len(external_test),
-            method.grading_set,
-            pseudo_count,
-        )
+    def pretrained_weights(self, config: Config) -> list:
+        """The ImageNet files of ``config`` (``model.encoder_weights``): the VGG16 encoder of
+        MTUnet and its variants, the Tables 3-4 graders (the cheap ``vgg16`` grader has none)
+        and the Table 2 segmenters' encoders; see :mod:`drkeras.weights`."""
+        from drkeras import weights
 
-        dice: Dict[str, List[Dict[str, float]]] = {}
-        variant_scores: Dict[str, List[Tuple[float, float]]] = {}
-        roc_idrid: Dict[str, List[np.ndarray]] = {}
-        roc_external: Dict[str, List[np.ndarray]] = {}
-        figure: Dict[str, np.ndarray] = {}
-        shown = min(int(method.figure_images), len(seg_test))
-        tests = (seg_test, idrid_test, external_test)
-
-        for run in range(runs):
-            seed, tag = _run_seed(config, run), f"run{run}"
-
-            # Fig. 7 (a), (b): the initial segmenter on IDRiD-S train, then pseudo masks.
-            pseudo_path = r.pseudo_dir / f"{tag}.tfrecord"
-            scores, pred, written = r.initial_segmenter(
-                seg_train, seg_test, pseudo_path, selection, seed, tag
-            )
-            r.release()
-            dice.setdefault(SINGLE_TASK_ROW, []).append(scores)
-            if run == 0:
-                figure["VGG16-UNet (single task)"] = pred[:shown]
-            kaggle = functools.partial(r.kaggle_stream, pseudo_path, written, seed=seed)
-
-            # Fig. 7 (c), Table 1 and the MTUnet of Tables 3-4: the variants.
-            pseudo_grades = None
-            for row, variant in VARIANT_ROWS.items():
-                result = r.variant(
-                    variant,
-                    kaggle,
-                    written,
-                    tests,
-                    seed,
-                    tag,
-                    grade_images=seg_train if variant == "C" else None,
-                    export=variant == "C" and run == 0 and ctx.is_chief,
+        w, m = config.model.encoder_weights, config.method
+        return weights.collect(
+            weights.vgg16_encoder(w, network="VGG16-UNet (MTUnet, variants, single task)"),
+            *(weights.grader(g, w) for g in m.graders if g != VGG16_GRADER),
+            *(
+                weights.segmenter(
+                    name,
+                    m.deeplab_backbone if name == "deeplabv3plus" else m.segmenter_backbone,
+                    w,
+                    width=config.model.width,
                 )
-                r.release()
-                variant_scores.setdefault(row, []).append((result["dice"], result["roc"]))
-                if variant == "C":
-                    roc_idrid.setdefault(MTUNET_GRADING_ROW, []).append(result["auc"])
-                    roc_external.setdefault(MTUNET_GRADING_ROW, []).append(result["auc_external"])
-                    pseudo_grades = result["grades"]
-
-            # Tables 3-4: the graders on the same balanced images and steps.
-            for row, name in zip(GRADER_ROWS, method.graders):
-                auc, auc_external = r.grader_run(row, name, kaggle, written, tests, seed, tag)
-                r.release()
-                roc_idrid.setdefault(row, []).append(auc)
-                roc_external.setdefault(row, []).append(auc_external)
-
-            # Table 2: single-task baselines and MTUNet (pseudo grades) on IDRiD-S train.
-            for row, name in list(SEGMENTER_ROWS.items()) + [(MTUNET_T2_ROW, None)]:
-                scores, pred = r.segmenter_run(
-                    row, name, seg_train, seg_test, pseudo_grades, seed, tag
-                )
-                r.release()
-                dice.setdefault(row, []).append(scores)
-                if run == 0:
-                    figure[row] = pred[:shown]
-
-        tables = self._tables(
-            r,
-            dice,
-            variant_scores,
-            roc_idrid,
-            roc_external,
-            seg_test,
-            idrid_test,
-            external_test,
-            selection,
-        )
-        self._figures(r, seg_test, figure, shown)
-        self._compare(r, dice)
-        return tables
-
-    # -------------------------------------------------------------------------- outputs
-
-    def _tables(
-        self, r, dice, variant_scores, roc_idrid, roc_external, seg_test, idrid_test, ext, sel
-    ):
-        config, method = r.config, r.method
-        summary = run_config_summary(config)
-        runs = int(config.train.runs)
-        budget = (
-            f"EyePACS stage: {sum(map(len, sel.values()))} balanced images, {config.train.epochs}"
-            f" epoch(s); IDRiD-S stage: {method.seg_epochs} epoch(s)"
-        )
-        t1 = ResultsTable(
-            "table1",
-            "Table 1: MTUnet variants; Dice = mean of pooled red and yellow Dice on IDRiD-S test, "
-            f"ROC = mean one-vs-rest AUC over 5 grades on IDRiD-D test ({summary}; {budget})",
-            [DICE, ROC],
-            row_header="Network",
-            paper=PAPER_TABLE1,
-            digits=2,
-        )
-        for row, values in variant_scores.items():
-            t1.add(row, DICE, [v[0] for v in values])
-            t1.add(row, ROC, [v[1] for v in values])
-
-        seg_note = (
-            f"UNet/LinkNet/Feature Pyramid encoder {method.segmenter_backbone}; DeepLabv3 row: "
-            f"keras-cv DeepLabV3+ on {method.deeplab_backbone}"
-        )
-        t2 = dice_table(
-            dice,
-            title=f"Table 2: Dice (%) pooled over IDRiD-S test ({len(seg_test)} images), "
-            f"mean ± std over {runs} run(s); {seg_note}; the paper finds MTUNet > LinkNet "
-            f"significant at 10 % (paired t-test) ({summary}; {budget})",
-        )
-
-        substitutes = [
-            f"{row} = {name}"
-            for row, name in zip(GRADER_ROWS, method.graders)
-            if name not in _ROW_ARCHITECTURES[row] or name == "nasnet_mobile"
-        ]
-        grader_note = "graders: " + (", ".join(substitutes) if substitutes else "as in the paper")
-        tables = [t1, t2]
-        for name, paper, results, test, where in (
-            ("table3", PAPER_TABLE3, roc_idrid, idrid_test, "IDRiD-D test"),
-            (
-                "table4",
-                PAPER_TABLE4,
-                roc_external,
-                ext,
-                f"{method.external} {method.external_split} (instead of the private SiDRP14-15)",
+                for name in SEGMENTER_ROWS.values()
             ),
-        ):
-            counts = np.bincount(test.grades[test.grades >= 0], minlength=keys.NUM_GRADES)
-            table = ResultsTable(
-                name,
-                f"Table {name[-1]}: one-vs-rest ROC AUC (%) per DR level on {where}, "
-                f"{len(test)} images (per grade {counts.tolist()}), mean ± std over {runs} "
-                f"run(s); trained on the balanced {method.grading_set} set; {grader_note} "
-                f"({summary}; {budget})",
-                list(GRADE_COLUMNS),
-                row_header="Network",
-                paper={
-                    row: dict(zip(GRADE_COLUMNS, (v[0] for v in cells)))
-                    for row, cells in paper.items()
-                },
-                digits=2,
-            )
-            for row in list(GRADER_ROWS) + [MTUNET_GRADING_ROW]:
-                values = np.stack(results[row])
-                for k, column in enumerate(GRADE_COLUMNS):
-                    table.add(row, column, values[:, k])
-            tables.append(table)
-        return tables
+        )
 
-    def _figures(self, r: _Run, seg_test: _Images, figure, shown: int) -> None:
-        if shown:
-            path = plot_segmentation_comparison(
-                seg_test.images[:shown],
-                seg_test.classes[:shown],
-                figure,
-                r.ctx.out_dir / "fig6_segmentation.png",
-                class_set=r.class_set,
-                title="Fig. 6: IDRiD-S test, run 0 (red: red lesions, yellow: yellow lesions, "
-                "purple: optic disc)",
-            )
-            log.info("Fig. 6 written to %s", path)
-        if r.ctx.history_path.is_file():
-            plot_history(r.ctx.history_path, r.ctx.out_dir / "history.png")
-
-    def _compare(self, r: _Run, dice) -> dict:
-        """Item 5 of the reproduction: is MTUNet's lesion Dice not worse than single-task
-        UNet's at equal budget? Printed, and saved as ``comparison.json``."""
-
-        def summary(row):
-            out = {}
-            for column in (RED, YELLOW):
-                values = [s[column] for s in dice[row]]
-                mean, std = metrics.mean_std(values)
-                out[column] = {"mean": mean, "std": std, "runs": values}
-            out["lesion mean"] = float(np.mean([out[c]["mean"] for c in (RED, YELLOW)]))
-            return out
-
-        rows = {row: summary(row) for row in (MTUNET_T2_ROW, "UNet", SINGLE_TASK_ROW)}
-        mt = rows[MTUNET_T2_ROW]["lesion mean"]
-        verdicts = {
-            row: ("not worse" if mt >= rows[row]["lesion mean"] else "worse")
-            for row in ("UNet", SINGLE_TASK_ROW)
-        }
-        result = {
-            "data": r.data.source,
-            "runs": int(r.config.train.runs),
-            "budget": f"{r.method.seg_epochs} epoch(s) on IDRiD-S train, batch {r.batch}, "
-            f"{r.size} px",
-            "dice_percent": rows,
-            "mtunet_vs": verdicts,
-        }
-        (r.ctx.out_dir / "comparison.json").write_text(json.dumps(result, indent=2) + "\n")
-
-        def fmt(row, column):
-            cell = rows[row][column]
-            std = "" if math.isnan(cell["std"]) else f" ± {cell['std']:.2f}"
-            return f"{cell['mean']:.2f}{std}"
-
-        lines = [
-            "",
-            f"MTUnet vs single-task UNet at equal budget ({result['budget']}; pooled Dice % on "
-            f"IDRiD-S test, mean ± std over {result['runs']} run(s), data={r.data.source}):",
-        ]
-        for column in (RED, YELLOW):
-            lines.append(
-                f"  {column:15s} MTUNet {fmt(MTUNET_T2_ROW, column)} | UNet "
-                f"{fmt('UNet', column)} | VGG16-UNet single task {fmt(SINGLE_TASK_ROW, column)}"
-            )
-        for row, verdict in verdicts.items():
-            lines.append(
-                f"  MTUNet's lesion Dice (mean of red and yellow, {mt:.2f}) is {verdict} than "
-                f"{row}'s ({rows[row]['lesion mean']:.2f})"
-            )
-        print("\n".join(lines))
-        return result
+    def prepare(self, ctx: RunContext) -> _Run:
+        """MTUnet's declared stages (Fig. 7 and Tables 1-4, ``train.runs`` times) and its
+        report (Tables 1-4, Fig. 6, the comparison); see the module docstring."""
+        return _Run(ctx)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Command (``make reproduce`` runs the first one)::
 
 Expected runtime: smoke, 4-7 minutes on 2 CPU cores (measured: ``make reproduce`` from a fresh
 clone, 4.0 min wall on a quiet 2-core VM, 7.0 min with another experiment beside it; synthetic
-IDRiD and DDR layouts generated and converted, 23 training stages of 3 steps at 64 px, the
+IDRiD and DDR layouts generated and converted, 23 training stages of 3 steps at 64 px (25
+declared stages with the two stage-1 ones, listed by ``_Run.stages``), the
 graders run eagerly; the run directory takes 3.1 GB, mostly the resumable checkpoints of the
 full-width ResNeXt graders); paper, GPU days
 (four graders per dataset, then 9 (IDRiD) and 6 (DDR) pixel-level rows per fold, each 100
@@ -114,6 +115,7 @@ from drkeras.models.pldmlt import (
 from drkeras.plots import plot_history, plot_mask_overlay
 from drkeras.pseudo_grades import generate_pseudo_grades, lesion_presence
 from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
 from drkeras.training.bilevel import BilevelMultiTaskTrainer
 from drkeras.training.optim import build_optimizer
 
@@ -610,6 +612,25 @@ def synthetic_idrid_seg_truth(records_dir, data: DataConfig, seed: int) -> Dict[
 # ------------------------------------------------------------------------------ the experiment
 
 
+# The shuffle buffer of pipeline.grading_dataset (its default) for the graders' training split.
+_PIPELINE_SHUFFLE_BUFFER = 256
+# The pixel-level training stream shuffles augmented images, float32 (12 bytes per pixel) where
+# the plan counts a buffered example as uint8 (3): the difference, declared as held memory.
+_FLOAT_IMAGE_EXTRA_BYTES = 12 - 3
+
+
+def _part_cache(cache, index: int):
+    """The ``cache`` argument of the ``index``-th pipeline making up one declared dataset: a
+    file cache gets one file per part (the runner deletes ``<file>*`` on release)."""
+    return f"{cache}_{index}" if isinstance(cache, str) else cache
+
+
+def _compact_masks(image, targets):
+    """One pipeline example with its 0/1 masks as uint8 (exact), a quarter of their float32
+    bytes while they wait in the shuffle buffer; :meth:`_Run._train_data` casts them back."""
+    return image, {**targets, keys.MASKS: tf.cast(targets[keys.MASKS], tf.uint8)}
+
+
 class _PseudoLabels:
     """Stage-1 output per image id: the refined pseudo grade and its allowed-grade mask M."""
 
@@ -736,7 +757,15 @@ class _Tables:
 
 
 class _Run:
-    """One execution of the experiment (``PLDMLT.run``), holding the context and built models."""
+    """One execution of the experiment (``PLDMLT.prepare``): its declared stages
+    (:meth:`stages`) and its report (:meth:`report`).
+
+    The runner (:mod:`drkeras.experiment`) plans from :meth:`stages`, then runs them in order;
+    every dataset comes from ``ctx.data(key)`` (cached and released by the runner), every
+    network is built in the stage that trains or evaluates it, and what a later stage needs
+    (the stage-1 graders, the pseudo grades) is a stage's output. The tables are filled by the
+    stages that evaluate their rows; a stage a dry run skips leaves its cells empty.
+    """
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -746,9 +775,10 @@ class _Run:
         self.size = int(self.data.image_size)
         self.shape = (self.size, self.size, 3)
         self.batch = int(self.data.batch_size)
-        self._pool: Dict[tuple, Tuple[keras.Model, list]] = {}
-        self._datasets: Dict[tuple, tf.data.Dataset] = {}
         self.tables: Optional[_Tables] = None
+        # Stage 1's pseudo grades by run tag, for the datasets of later folds (their k-fold
+        # split is stratified by them; a dataset's build gets nothing but its cache).
+        self._fold_grades: Dict[str, Dict[str, int]] = {}
         self._check_method()
 
     # -------------------------------------------------------------------------- set-up
@@ -806,19 +836,13 @@ class _Run:
         return int(steps) if steps else max(1, math.ceil(count / self.batch))
 
     def _model(self, key: tuple, seed: int, build: Callable[[], keras.Model]) -> keras.Model:
-        """Each architecture is built once per seed; every later row gets it back at its
-        initial weights, so rows of one seed start from the same initialisation and the
-        slow builds (ResNeXt-101: ~15 s on a CPU) are not repeated for the second dataset."""
-        pool_key = key + (seed,)
-        if pool_key in self._pool:
-            model, weights = self._pool[pool_key]
-            model.set_weights(weights)
-            return model
+        """A network built in the strategy scope, its initial weights drawn from ``seed``: an
+        architecture's initial weights are a function of the seed, so every row of one seed
+        (and the same grader on both datasets) starts from the same initialisation, and
+        nothing outlives the stage that builds it. ``key`` names the architecture."""
         tf.keras.utils.set_random_seed(seed)
         with self.ctx.strategy.scope():
-            model = build()
-        self._pool[pool_key] = (model, model.get_weights())
-        return model
+            return build()
 
     def _outputs(self, model: keras.Model, images) -> Dict[str, np.ndarray]:
         if self.method.run_eagerly:
@@ -869,46 +893,49 @@ class _Run:
             )
         return sources, name
 
-    def _dataset(self, key: tuple, build: Callable[[], tf.data.Dataset]) -> tf.data.Dataset:
-        """Each input pipeline is built once and reused: building one traces its functions
-        (seconds each on a CPU), and every row of a table must see the same batches anyway
-        (the streams are deterministic functions of the seed)."""
-        if key not in self._datasets:
-            self._datasets[key] = build()
-        return self._datasets[key]
-
     def _seg_eval_data(
-        self, source: SegSource, batch_size: int = 0, *, mode: str, cache: bool = True
+        self, source: SegSource, batch_size: int = 0, *, mode: str, cache=True
     ) -> tf.data.Dataset:
         """Batches ``(image, {masks, mask_present})`` of a source in ``source.ids`` order, the
-        images scaled by ``mode`` (``cache``: keep the decoded images in memory)."""
-        batch_size = batch_size or self.batch
-        return self._dataset(
-            ("segmentation", source, batch_size, cache, mode),
-            lambda: pipeline.segmentation_dataset(
-                source.records_dir,
-                source.split,
-                ids=list(source.ids),
-                size=self.size,
-                batch_size=batch_size,
-                shuffle=False,
-                augment=False,
-                cache=cache,
-                seed=self.config.seed,
-                **self._preprocess(mode),
-            ),
+        images scaled by ``mode`` (``cache``: keep the decoded images in memory (True), in
+        this file, or not at all (False))."""
+        return pipeline.segmentation_dataset(
+            source.records_dir,
+            source.split,
+            ids=list(source.ids),
+            size=self.size,
+            batch_size=batch_size or self.batch,
+            shuffle=False,
+            augment=False,
+            cache=cache,
+            seed=self.config.seed,
+            **self._preprocess(mode),
         )
 
-    def _train_stream(
-        self, sources: Sequence[SegSource], labels: _PseudoLabels, seed: int, mode: str
-    ):
-        """Augmented, shuffled, repeating batches ``((image, targets), (grade, allowed))``.
+    def _seg_eval_stream(
+        self, sources: Sequence[SegSource], *, mode: str, batch_size: int = 0, cache=True
+    ) -> tf.data.Dataset:
+        """Every source's :meth:`_seg_eval_data` one after the other (no batch spans two
+        sources): the images of ``[i for s in sources for i in s.ids]`` in that order."""
+        if not sources:
+            raise ValueError("no pixel-level source to read (an empty list of SegSource)")
+        parts = [
+            self._seg_eval_data(source, batch_size, mode=mode, cache=_part_cache(cache, k))
+            for k, source in enumerate(sources)
+        ]
+        return functools.reduce(lambda a, b: a.concatenate(b), parts)
+
+    def _train_images(self, sources: Sequence[SegSource], seed: int, mode: str, cache=True):
+        """Augmented, shuffled, repeating batches ``((image, targets), index)`` of the
+        pixel-level training images, ``index`` the image's position in
+        ``[i for s in sources for i in s.ids]`` (:meth:`_train_data` looks its pseudo grade up).
 
         The pipeline yields each source's images in ``source.ids`` order (no shuffling inside),
-        zipped here with the pseudo grades in the same order, then shuffled together.
+        zipped here with their positions, then the sources are mixed and shuffled together.
+        The masks (0/1) wait in the shuffle buffer as uint8 (the float32 image cannot).
         """
-        parts, weights = [], []
-        for source in sources:
+        parts, weights, offset = [], [], 0
+        for k, source in enumerate(sources):
             images = pipeline.segmentation_dataset(
                 source.records_dir,
                 source.split,
@@ -920,12 +947,14 @@ class _Run:
                 shuffle=False,
                 repeat=True,
                 seed=seed,
+                cache=_part_cache(cache, k),
                 **self._preprocess(mode),
             ).unbatch()
-            grades, allowed = labels.arrays(source.ids)
-            side = tf.data.Dataset.from_tensor_slices((grades, allowed)).repeat()
-            parts.append(tf.data.Dataset.zip((images, side)))
+            images = images.map(_compact_masks, num_parallel_calls=tf.data.AUTOTUNE)
+            index = tf.data.Dataset.range(offset, offset + len(source.ids)).repeat()
+            parts.append(tf.data.Dataset.zip((images, index)))
             weights.append(len(source.ids))
+            offset += len(source.ids)
         count = int(sum(weights))
         if len(parts) == 1:
             ds = parts[0]
@@ -936,24 +965,32 @@ class _Run:
         return ds.shuffle(max(count, 1), seed=seed).batch(self.batch, drop_remainder=True)
 
     def _train_data(
-        self, sources: Sequence[SegSource], labels: _PseudoLabels, kind: str, seed, mode: str
+        self,
+        sources: Sequence[SegSource],
+        labels: _PseudoLabels,
+        kind: str,
+        seed,
+        mode: str,
+        stream: Optional[tf.data.Dataset] = None,
     ):
         """The training stream of the pixel-level images shaped for one kind of model.
 
         ``kind``: ``segmentation`` (``(image, {seg_probs})``), ``mtunet`` (plus the integer
         pseudo grade), ``multitask`` (plus the one-hot pseudo grade) or ``bilevel``
-        (:func:`make_training_pair`). Returns ``(dataset, number of images)``.
+        (:func:`make_training_pair`). ``stream``: :meth:`_train_images` of ``sources`` (the
+        declared dataset; built here when not given). Returns ``(dataset, number of images)``.
         """
-        stream = self._dataset(
-            ("train", tuple(sources), id(labels), seed, mode),
-            lambda: self._train_stream(sources, labels, seed, mode),
-        )
+        if stream is None:
+            stream = self._train_images(sources, seed, mode)
+        ids = [i for s in sources for i in s.ids]
+        grade_of, allowed_of = (tf.constant(a) for a in labels.arrays(ids))
         closing = self.method.closing_size
         num_grades = self.config.model.num_grades
 
-        def element(pair, side):
-            (image, targets), (grade, allowed) = pair, side
-            masks = targets[keys.MASKS]
+        def element(pair, index):
+            image, targets = pair
+            grade, allowed = tf.gather(grade_of, index), tf.gather(allowed_of, index)
+            masks = tf.cast(targets[keys.MASKS], tf.float32)
             if kind == "bilevel":
                 # M of Eq. 4: every grade (None) or the stage-1 allowed grades (method.label_mask)
                 grade_mask = allowed if self.method.label_mask == "allowed" else None
@@ -970,7 +1007,7 @@ class _Run:
 
         ds = stream.map(element, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.prefetch(tf.data.AUTOTUNE).with_options(pipeline.distribution_options())
-        return ds, sum(len(s.ids) for s in sources)
+        return ds, len(ids)
 
     def _grading_count(self, records_dir, split: str) -> int:
         grades = pipeline.read_labels(records_dir, split)[keys.GRADE]
@@ -984,67 +1021,73 @@ class _Run:
             )
         return count
 
-    def _grading_data(self, records_dir, split: str, *, training: bool, mode: str, seed: int = 0):
+    def _grading_data(
+        self, records_dir, split: str, *, training: bool, mode: str, seed: int = 0, cache=True
+    ):
         """Graded images scaled by ``mode``: augmented repeating ``(image, {grade_probs:
         grade})`` batches for training, or one pass of ``(image, grade)`` for testing."""
-
-        def build():
-            ds = pipeline.grading_dataset(
-                records_dir,
-                split,
-                size=self.size,
-                batch_size=self.batch,
-                num_classes=self.config.model.num_grades,
-                augment=self.data.augment and training,
-                augment_params=PLDMLT_AUGMENT,
-                shuffle=training,
-                repeat=training,
-                seed=seed,
-                max_examples=self.data.max_examples,
-                **self._preprocess(mode),
-            )
-            if training:
-                ds = ds.map(lambda image, grade: (image, {keys.GRADE_PROBS: grade}))
-            return ds
-
-        return self._dataset(("grading", str(records_dir), split, training, seed, mode), build)
+        ds = pipeline.grading_dataset(
+            records_dir,
+            split,
+            size=self.size,
+            batch_size=self.batch,
+            num_classes=self.config.model.num_grades,
+            augment=self.data.augment and training,
+            augment_params=PLDMLT_AUGMENT,
+            shuffle=training,
+            repeat=training,
+            seed=seed,
+            cache=cache,
+            max_examples=self.data.max_examples,
+            **self._preprocess(mode),
+        )
+        if training:
+            ds = ds.map(lambda image, grade: (image, {keys.GRADE_PROBS: grade}))
+        return ds
 
     # -------------------------------------------------------------------------- evaluation
 
     def _evaluate_segmentation(
-        self, model, sources: Sequence[SegSource], mode: str
+        self, model, sources: Sequence[SegSource], mode: str, data=None
     ) -> Dict[str, object]:
+        """The readings of :class:`FusedSegmentationScore` on ``sources``, batch by batch
+        (``data``: their declared :meth:`_seg_eval_stream`; built here when not given)."""
+        if data is None:
+            data = self._seg_eval_stream(sources, mode=mode)
         score = FusedSegmentationScore(closing_size=self.method.closing_size)
-        for source in sources:
-            for image, targets in self._seg_eval_data(source, mode=mode):
-                probs = self._outputs(model, image)[keys.SEG_PROBS]
-                score.update(probs, targets[keys.MASKS], targets[keys.MASK_PRESENT])
+        for image, targets in data:
+            probs = self._outputs(model, image)[keys.SEG_PROBS]
+            score.update(probs, targets[keys.MASKS], targets[keys.MASK_PRESENT])
         return score.result()
 
-    def _evaluate_grading(self, model, records_dir, mode: str, split: str = "test") -> float:
+    def _evaluate_grading(
+        self, model, records_dir, mode: str, split: str = "test", data=None
+    ) -> float:
+        """Accuracy on a grading split (``data``: its declared :meth:`_grading_data`); only
+        the grades and the predicted probabilities (5 per image) are kept."""
+        if data is None:
+            data = self._grading_data(records_dir, split, training=False, mode=mode)
         truth, probs = [], []
-        for image, grade in self._grading_data(records_dir, split, training=False, mode=mode):
+        for image, grade in data:
             probs.append(self._outputs(model, image)[keys.GRADE_PROBS])
             truth.append(grade.numpy())
         return metrics.accuracy(np.concatenate(truth), np.concatenate(probs))
 
     # -------------------------------------------------------------------------- models
 
-    def _grader(self, arch: str, seed: int) -> keras.Model:
+    def _build_grader(self, arch: str) -> keras.Model:
+        """A grader (Tables 1-2 grading rows, stage 1) at the run's input size."""
         model_cfg = self.config.model
-        return self._model(
-            ("grader", arch),
-            seed,
-            lambda: build_grader(
-                arch,
-                input_shape=self.shape,
-                num_grades=model_cfg.num_grades,
-                encoder_weights=model_cfg.encoder_weights,
-                dropout=model_cfg.dropout,
-            ),
+        return build_grader(
+            arch,
+            input_shape=self.shape,
+            num_grades=model_cfg.num_grades,
+            encoder_weights=model_cfg.encoder_weights,
+            dropout=model_cfg.dropout,
         )
 
-    def _segmenter(self, name: str, seed: int) -> keras.Model:
+    def _build_segmenter(self, name: str) -> keras.Model:
+        """A segmentation baseline (``unet``, ``linknet``, ``fpn``, ``deeplabv3plus``)."""
         width = self.config.model.width
         method = self.method
 
@@ -1068,56 +1111,58 @@ class _Run:
                 head_filters=scaled(256),
             ),
         }[name]
-        return self._model(
-            ("segmenter", name),
-            seed,
-            lambda: build_segmenter(
-                name,
-                input_shape=self.shape,
-                num_classes=NUM_FUSED_CLASSES,
-                encoder_weights=self.config.model.encoder_weights,
-                **options,
-            ),
+        return build_segmenter(
+            name,
+            input_shape=self.shape,
+            num_classes=NUM_FUSED_CLASSES,
+            encoder_weights=self.config.model.encoder_weights,
+            **options,
         )
 
-    def _vgg16_unet(self, role: str, seed: int) -> keras.Model:
+    def _build_vgg16_unet(self, role: str) -> keras.Model:
         """``role``: "segmentation" (no grading head), "mtunet" (max pooling) or "multitask"
         (PLDMLT's average-pooled head, shared by Ours and the ablation rows)."""
         model_cfg = self.config.model
-        return self._model(
-            ("vgg16_unet", role),
-            seed,
-            lambda: mtunet.build_vgg16_unet(
-                input_shape=self.shape,
-                num_seg_classes=NUM_FUSED_CLASSES,
-                num_grades=None if role == "segmentation" else model_cfg.num_grades,
-                grade_pooling="max" if role == "mtunet" else "avg",
-                encoder_weights=model_cfg.encoder_weights,
-                width=model_cfg.width,
-                dropout=model_cfg.dropout,
-                name=f"pldmlt_{role}" if role != "mtunet" else "mtunet",
-            ),
+        return mtunet.build_vgg16_unet(
+            input_shape=self.shape,
+            num_seg_classes=NUM_FUSED_CLASSES,
+            num_grades=None if role == "segmentation" else model_cfg.num_grades,
+            grade_pooling="max" if role == "mtunet" else "avg",
+            encoder_weights=model_cfg.encoder_weights,
+            width=model_cfg.width,
+            dropout=model_cfg.dropout,
+            name=f"pldmlt_{role}" if role != "mtunet" else "mtunet",
         )
 
-    def _label_net(self, seed: int) -> keras.Model:
-        return self._model(
-            ("label_update_net",),
-            seed,
-            lambda: build_label_update_net(
-                input_shape=self.shape,
-                num_grades=self.config.model.num_grades,
-                widths=self.method.label_widths,
-                hidden=self.method.label_hidden,
-                smoothing=self.method.label_smoothing,
-            ),
+    def _build_label_net(self) -> keras.Model:
+        return build_label_update_net(
+            input_shape=self.shape,
+            num_grades=self.config.model.num_grades,
+            widths=self.method.label_widths,
+            hidden=self.method.label_hidden,
+            smoothing=self.method.label_smoothing,
         )
+
+    def _grader(self, arch: str, seed: int) -> keras.Model:
+        return self._model(("grader", arch), seed, lambda: self._build_grader(arch))
+
+    def _segmenter(self, name: str, seed: int) -> keras.Model:
+        return self._model(("segmenter", name), seed, lambda: self._build_segmenter(name))
+
+    def _vgg16_unet(self, role: str, seed: int) -> keras.Model:
+        return self._model(("vgg16_unet", role), seed, lambda: self._build_vgg16_unet(role))
+
+    def _label_net(self, seed: int) -> keras.Model:
+        return self._model(("label_update_net",), seed, self._build_label_net)
 
     # -------------------------------------------------------------------------- training
 
     def _fit(self, model, data, stage: str, count: int):
         return self.ctx.fit(model, data, stage=stage, steps_per_epoch=self._steps(count))
 
-    def train_grader(self, arch: str, records_dir, stage: str, seed: int) -> keras.Model:
+    def train_grader(self, arch: str, records_dir, stage: str, seed: int, data=None) -> keras.Model:
+        """Train one grader on the grading set's training split (``data``: its declared
+        :meth:`_grading_data`; built here when not given)."""
         model = self._grader(arch, seed)
         with self.ctx.strategy.scope():
             model.compile(
@@ -1125,18 +1170,23 @@ class _Run:
                 loss={keys.GRADE_PROBS: keras.losses.SparseCategoricalCrossentropy()},
                 run_eagerly=self.method.run_eagerly,
             )
-        data = self._grading_data(
-            records_dir, "train", training=True, mode=self._scaling(arch), seed=seed
-        )
+        if data is None:
+            data = self._grading_data(
+                records_dir, "train", training=True, mode=self._scaling(arch), seed=seed
+            )
         self._fit(model, data, stage, self._grading_count(records_dir, "train"))
         return model
 
-    def train_pixel_model(self, row: str, sources, labels, stage: str, seed: int, beta: float):
+    def train_pixel_model(
+        self, row: str, sources, labels, stage: str, seed: int, beta: float, stream=None
+    ):
         """Train one row of the segmentation tables on the pixel-level training images.
 
         ``row``: a segmenter row of Tables 1-2 ("UNet", ...), "MTUnet", "L_S", "+ L_C",
         "+ Upd-Net" (both with equal task weights) or "Ours" (the bilevel PLDMLT with weight
-        ``beta``). Returns the network (functional, dict outputs) that is evaluated and exported.
+        ``beta``). ``stream``: the declared :meth:`_train_images` of ``sources`` (built here
+        when not given). Returns the network (functional, dict outputs) that is evaluated and
+        exported.
         """
         eager = self.method.run_eagerly
         focal = self._focal_loss
@@ -1189,39 +1239,46 @@ class _Run:
         else:
             raise ValueError(f"unknown table row {row!r}")
         mode = self._scaling(self._row_network(row))  # each network its own input scaling
-        data, count = self._train_data(sources, labels, kind, seed, mode)
+        data, count = self._train_data(sources, labels, kind, seed, mode, stream)
         self._fit(model, data, stage, count)
         return trained
 
     # -------------------------------------------------------------------------- stage 1
 
-    def _pixel_chunks(self, sources: Sequence[SegSource], mode: str):
+    def _pixel_chunks(self, sources: Sequence[SegSource], mode: str, data=None):
         """``(ids, images, masks, mask_present)`` of every source, images scaled by ``mode``,
         ``method.stage1_chunk`` at a time (chunks span sources: each chunk costs fixed work in
-        stage 1)."""
+        stage 1). ``data``: the declared :meth:`_seg_eval_stream` of ``sources`` at batch
+        ``method.stage1_chunk``, not cached (built here when not given)."""
         chunk = self.method.stage1_chunk
-        buffer = []
-        for source in sources:
-            ids = list(source.ids)
-            offset = 0
-            for image, targets in self._seg_eval_data(source, chunk, mode=mode, cache=False):
-                count = int(image.shape[0])
-                buffer.append(
-                    (
-                        ids[offset : offset + count],
-                        image.numpy(),
-                        targets[keys.MASKS].numpy(),
-                        targets[keys.MASK_PRESENT].numpy(),
-                    )
-                )
-                offset += count
-                while sum(len(part[0]) for part in buffer) >= chunk:
-                    yield self._merge(buffer, chunk)
-            if offset != len(ids):
+        if data is None:
+            data = self._seg_eval_stream(sources, mode=mode, batch_size=chunk, cache=False)
+        ids = [i for source in sources for i in source.ids]
+        where = [(str(s.records_dir), s.split) for s in sources]
+        buffer, offset = [], 0
+        for image, targets in data:
+            count = int(image.shape[0])
+            if offset + count > len(ids):
                 raise RuntimeError(
-                    f"{source.records_dir} {source.split}: the pipeline yielded {offset} images "
-                    f"for {len(ids)} ids; ids and images would not line up"
+                    f"{where}: the pipelines yielded more images than the {len(ids)} ids; ids "
+                    "and images would not line up"
                 )
+            buffer.append(
+                (
+                    ids[offset : offset + count],
+                    image.numpy(),
+                    targets[keys.MASKS].numpy(),
+                    targets[keys.MASK_PRESENT].numpy(),
+                )
+            )
+            offset += count
+            while sum(len(part[0]) for part in buffer) >= chunk:
+                yield self._merge(buffer, chunk)
+        if offset != len(ids):
+            raise RuntimeError(
+                f"{where}: the pipelines yielded {offset} images for {len(ids)} ids; ids and "
+                "images would not line up"
+            )
         if buffer:
             yield self._merge(buffer, sum(len(part[0]) for part in buffer))
 
@@ -1236,23 +1293,30 @@ class _Run:
             buffer.append((ids[count:],) + tuple(a[count:] for a in arrays))
         return (ids[:count],) + tuple(a[:count] for a in arrays)
 
-    def stage1(self, dataset: str, sources, graders, truth, figure: bool) -> _PseudoLabels:
-        """Pseudo grades for every pixel-level image (all splits): predict, select, refine."""
-        labels = _PseudoLabels()
-        changed = 0
-        shown = []  # the Fig. 6 candidates: dicts with the most lesion kinds first
-        models = [graders[row] for row in PSEUDO_GRADERS]
+    def _stage1_mode(self) -> str:
+        """The input scaling both stage-1 graders share (they see the same image batch)."""
         modes = {self._scaling(arch) for arch in PSEUDO_GRADERS.values()}
-        if len(modes) != 1:  # both graders see the same image batch
+        if len(modes) != 1:
             raise ValueError(
                 f"the stage-1 graders {list(PSEUDO_GRADERS.values())} expect different input "
                 f"scalings {sorted(modes)}; they must share one"
             )
-        mode = modes.pop()
+        return modes.pop()
+
+    def stage1(
+        self, dataset: str, sources, graders, truth, figure: bool, data=None
+    ) -> _PseudoLabels:
+        """Pseudo grades for every pixel-level image (all splits): predict, select, refine.
+        ``data``: the declared stream of :meth:`_pixel_chunks` (built there when not given)."""
+        labels = _PseudoLabels()
+        changed = 0
+        shown = []  # the Fig. 6 candidates: dicts with the most lesion kinds first
+        models = [graders[row] for row in PSEUDO_GRADERS]
+        mode = self._stage1_mode()
         previous = tf.config.functions_run_eagerly()
         tf.config.run_functions_eagerly(self.method.run_eagerly)
         try:
-            for ids, images, masks, present in self._pixel_chunks(sources, mode):
+            for ids, images, masks, present in self._pixel_chunks(sources, mode, data):
                 result = generate_pseudo_grades(
                     models,
                     images,
@@ -1351,119 +1415,342 @@ class _Run:
         log.info("exported the PLDMLT multi-task network to %s", path)
         return path
 
-    def _export_and_overlays(self, network: keras.Model, test_sources) -> None:
+    def _export_and_overlays(self, network: keras.Model, test_sources, data=None) -> None:
+        """Export the network, then draw ``method.overlays`` test images (``data``: the
+        declared :meth:`_seg_eval_stream` of ``test_sources``; built here when not given)."""
         mode = self._scaling(self._row_network("Ours"))
         self._export(network)
-        drawn = 0
-        for source in test_sources:
-            offset = 0
-            for image, targets in self._seg_eval_data(source, mode=mode):
-                probs = self._outputs(network, image)[keys.SEG_PROBS]
-                target = fuse_lesion_masks(
-                    targets[keys.MASKS], closing_size=self.method.closing_size, one_hot=True
-                ).numpy()
-                present = mtunet.classes_annotated(targets[keys.MASK_PRESENT], FUSED_CLASS_SET)
-                pred = np.eye(NUM_FUSED_CLASSES, dtype=bool)[probs.argmax(axis=-1)]
-                for k in range(len(probs)):
-                    if drawn >= self.method.overlays:
-                        return
-                    example_id = source.ids[offset + k]
-                    plot_mask_overlay(
-                        self._display(image[k], mode),
-                        pred[k, ..., 1:],
-                        target[k, ..., 1:],
-                        self.ctx.out_dir / f"overlay_{example_id.rsplit('-', 1)[-1]}.png",
-                        names=FUSED_CLASSES[1:],
-                        present=present.numpy()[k, 1:],
-                        title=f"{example_id}: PLDMLT (ours) vs ground truth",
-                    )
-                    drawn += 1
-                offset += len(probs)
+        if not test_sources or self.method.overlays <= 0:
+            return
+        if data is None:
+            data = self._seg_eval_stream(test_sources, mode=mode)
+        ids = [i for source in test_sources for i in source.ids]
+        drawn = offset = 0
+        for image, targets in data:
+            probs = self._outputs(network, image)[keys.SEG_PROBS]
+            target = fuse_lesion_masks(
+                targets[keys.MASKS], closing_size=self.method.closing_size, one_hot=True
+            ).numpy()
+            present = mtunet.classes_annotated(targets[keys.MASK_PRESENT], FUSED_CLASS_SET)
+            pred = np.eye(NUM_FUSED_CLASSES, dtype=bool)[probs.argmax(axis=-1)]
+            for k in range(len(probs)):
+                if drawn >= self.method.overlays:
+                    return
+                example_id = ids[offset + k]
+                plot_mask_overlay(
+                    self._display(image[k], mode),
+                    pred[k, ..., 1:],
+                    target[k, ..., 1:],
+                    self.ctx.out_dir / f"overlay_{example_id.rsplit('-', 1)[-1]}.png",
+                    names=FUSED_CLASSES[1:],
+                    present=present.numpy()[k, 1:],
+                    title=f"{example_id}: PLDMLT (ours) vs ground truth",
+                )
+                drawn += 1
+            offset += len(probs)
 
     # -------------------------------------------------------------------------- the run
 
-    def run(self) -> List[ResultsTable]:
+    def stages(self) -> List[Stage]:
+        """Every stage of the run, in order, declared before any of them runs (nothing is built
+        or trained here: the records' labels are read for the counts).
+
+        Per run (``train.runs``, seed ``seed + run``) and dataset (``method.datasets``):
+        ``<tag>_resnext101`` and ``<tag>_resnext50`` (the stage-1 graders: trained and tested,
+        their trained networks handed to stage 1), ``<tag>_stage1`` (pseudo grades and Fig. 6;
+        evaluates, trains nothing), ``<tag>_<method.nasnet>`` and ``<tag>_densenet201``, then
+        per fold every pixel-level row, ``<tag>[_fold<k>]_<row>`` (Tables 1-3), each consuming
+        stage 1's pseudo grades. ``<tag>`` is the dataset, ``<dataset>_run<r>`` with several
+        runs. Stages that differ only by run or fold share the group ``<dataset>_<stage>``.
+        """
         train_cfg = self.config.train
         sources_of, pixel_sets = {}, {}
         for dataset in self.method.datasets:
             sources_of[dataset], pixel_sets[dataset] = self._pixel_sources(dataset)
         self.tables = _Tables(self.config, pixel_sets)
-        truth = None
-        if self.data.source == "synthetic" and "idrid" in self.method.datasets:
-            truth = synthetic_idrid_seg_truth(
-                self.ctx.records("idrid"), self.data, self.config.seed
-            )
-        exported = False
+        declared: List[Stage] = []
         for repeat in range(train_cfg.runs):
-            seed = self.config.seed + repeat
             for dataset in self.method.datasets:
-                exported |= self._run_dataset(
+                declared += self._dataset_stages(
                     dataset,
                     sources_of[dataset],
-                    seed=seed,
+                    seed=self.config.seed + repeat,
                     tag=f"{dataset}_run{repeat}" if train_cfg.runs > 1 else dataset,
-                    truth=truth if dataset == "idrid" else None,
                     first=repeat == 0,
-                    export=not exported,
                 )
+        return declared
+
+    def report(self) -> List[ResultsTable]:
+        """The paper's tables, filled by the stages that evaluated their rows (a stage a dry run
+        skipped leaves its cells empty), and the training curves. Fig. 6, the overlays and
+        the export were written by the stages that held those networks."""
+        if self.tables is None:
+            raise RuntimeError("report() before stages(): the runner declares the stages first")
         if self.ctx.history_path.exists():
             plot_history(self.ctx.history_path, self.ctx.out_dir / "training_curves.png")
         return self.tables.all()
 
-    def _run_dataset(self, dataset, sources, *, seed, tag, truth, first, export) -> bool:
-        """Stage 1, the grading baselines and every fold of one dataset; True if exported."""
-        spec = _DATASETS[dataset]
-        number = spec["number"]
-        seg_table, grading_table = f"table{number}_segmentation", f"table{number}_grading"
-        grading_dir = self.ctx.records(dataset)
-        beta = getattr(self.method, spec["beta"])
-
-        graders = {}
-        for row, arch in PSEUDO_GRADERS.items():
-            graders[row] = self.train_grader(arch, grading_dir, f"{tag}_{arch}", seed)
-            accuracy = self._evaluate_grading(graders[row], grading_dir, self._scaling(arch))
-            self.tables.add_accuracy(grading_table, row, accuracy)
-        figure = first and dataset == self.method.datasets[0]
-        labels = self.stage1(dataset, sources, graders, truth if first else None, figure)
-        for row, arch in (("NASNet", self.method.nasnet), ("DenseNet-201", "densenet201")):
-            model = self.train_grader(arch, grading_dir, f"{tag}_{arch}", seed)
-            accuracy = self._evaluate_grading(model, grading_dir, self._scaling(arch))
-            self.tables.add_accuracy(grading_table, row, accuracy)
-
-        exported = False
+    def _dataset_stages(self, dataset: str, sources, *, seed: int, tag: str, first: bool):
+        """The stages of one dataset in one run: graders, stage 1, every fold's rows."""
+        grading_table = f"table{_DATASETS[dataset]['number']}_grading"
+        graders = [
+            self._grader_stage(dataset, row, arch, seed=seed, tag=tag, table=grading_table)
+            for row, arch in PSEUDO_GRADERS.items()
+        ]
+        stage1 = self._stage1_stage(dataset, sources, tag=tag, first=first)
+        others = [
+            self._grader_stage(
+                dataset, row, arch, seed=seed, tag=tag, table=grading_table, handed_on=False
+            )
+            for row, arch in (("NASNet", self.method.nasnet), ("DenseNet-201", "densenet201"))
+        ]
         rows = list(SEGMENTER_ROWS) + ["MTUnet"]
         if dataset == "idrid":
             rows += ["L_S", "+ L_C", "+ Upd-Net"]
         rows.append("Ours")
-        for fold in range(max(1, self.config.train.folds)):
-            train_sources, test_sources = split_sources(
-                sources, folds=self.config.train.folds, fold=fold, seed=seed, grades=labels.grade
+        exports = first and dataset == self.method.datasets[0]
+        pixel = [
+            self._row_stage(
+                dataset,
+                row,
+                sources,
+                fold=fold,
+                seed=seed,
+                tag=tag,
+                stage1=stage1.name,
+                export=exports and fold == 0 and row == "Ours",
             )
-            if not train_sources or not test_sources:
-                raise ValueError(
-                    f"{dataset}: no training or no test images with lesion masks for fold {fold} "
-                    f"(train {[(s.split, len(s.ids)) for s in train_sources]}, test "
-                    f"{[(s.split, len(s.ids)) for s in test_sources]})"
+            for fold in range(max(1, self.config.train.folds))
+            for row in rows
+        ]
+        return graders + [stage1] + others + pixel
+
+    def _grader_stage(
+        self, dataset: str, row: str, arch: str, *, seed, tag, table, handed_on=True
+    ) -> Stage:
+        """Train one grader on the grading set, test it (its row of ``table``); its output
+        is the trained network when stage 1 uses it (``handed_on``), else nothing."""
+        name = f"{tag}_{arch}"
+        records_dir = self.ctx.records(dataset)
+        mode = self._scaling(arch)
+        train = self._grading_spec(dataset, "train", mode=mode, seed=seed)
+        test = self._grading_spec(dataset, "test", mode=mode)
+
+        def run(inputs):
+            model = self.train_grader(arch, records_dir, name, seed, data=self.ctx.data(train.key))
+            data = self.ctx.data(test.key)
+            self.tables.add_accuracy(
+                table, row, self._evaluate_grading(model, records_dir, mode, data=data)
+            )
+            return model if handed_on else None
+
+        return Stage(
+            name,
+            run=run,
+            nets=[self._grader_net(arch)],
+            data=[train, test],
+            steps=self._steps(train.examples),
+            epochs=self.config.train.epochs,
+            batch=self.batch,
+            group=f"{dataset}_{arch}",
+        )
+
+    def _stage1_stage(self, dataset: str, sources, *, tag: str, first: bool) -> Stage:
+        """Stage 1 (sections 3.1, 4.2): the trained ResNeXts grade every pixel-level image,
+        Grad-CAM and the lesion masks refine the grades; its output is the pseudo labels."""
+        name = f"{tag}_stage1"
+        graders = {row: f"{tag}_{arch}" for row, arch in PSEUDO_GRADERS.items()}
+        mode = self._stage1_mode()
+        chunk = self.method.stage1_chunk
+        count = sum(len(s.ids) for s in sources)
+        images = min(chunk, count)
+        pixels = Data(
+            f"{dataset}_pixels_{mode}_chunk{chunk}",
+            build=lambda cache: self._seg_eval_stream(
+                sources, mode=mode, batch_size=chunk, cache=cache
+            ),
+            examples=count,
+            size=self.size,
+            masks=len(keys.LESIONS),
+            batch=chunk,
+            cached=False,
+            # a chunk of images and masks as float32 arrays, and its merged copy
+            held_bytes=2 * images * self.size**2 * (3 + len(keys.LESIONS)) * 4,
+        )
+        figure = first and dataset == self.method.datasets[0]
+
+        def run(inputs):
+            truth = None
+            if first and dataset == "idrid" and self.data.source == "synthetic":
+                truth = synthetic_idrid_seg_truth(
+                    self.ctx.records("idrid"), self.data, self.config.seed
                 )
-            fold_tag = f"{tag}_fold{fold}" if self.config.train.folds > 1 else tag
-            for row in rows:
-                stage = f"{fold_tag}_{STAGE_NAMES[row]}"
-                network = self.train_pixel_model(row, train_sources, labels, stage, seed, beta)
-                mode = self._scaling(self._row_network(row))
-                scores = self._evaluate_segmentation(network, test_sources, mode)
-                if row in PAPER_SEGMENTATION[dataset]:
-                    self.tables.add_segmentation(seg_table, row, scores)
-                if row in PAPER_ABLATION:
-                    self.tables.add_segmentation("table3_ablation", row, scores)
-                if row == "Ours" and dataset == "idrid":
-                    self.tables.add_segmentation("table3_ablation", "+ Weight", scores)
-                if row in ("MTUnet", "Ours"):
-                    accuracy = self._evaluate_grading(network, grading_dir, mode)
-                    self.tables.add_accuracy(grading_table, row, accuracy)
-                if row == "Ours" and export and not exported and self.ctx.is_chief:
-                    self._export_and_overlays(network, test_sources)
-                    exported = True
-        return exported
+            models = {row: inputs[stage] for row, stage in graders.items()}
+            data = self.ctx.data(pixels.key)
+            labels = self.stage1(dataset, sources, models, truth, figure, data=data)
+            self._fold_grades[tag] = dict(labels.grade)
+            return labels
+
+        return Stage(
+            name,
+            run=run,
+            nets=[self._grader_net(arch, trainable=False) for arch in PSEUDO_GRADERS.values()],
+            data=[pixels],
+            batch=self.method.stage1_batch,
+            consumes=tuple(graders.values()),
+            group=f"{dataset}_stage1",
+        )
+
+    def _row_stage(
+        self, dataset: str, row: str, sources, *, fold, seed, tag, stage1, export
+    ) -> Stage:
+        """Train one pixel-level row of Tables 1-3 on one fold and evaluate it (segmentation;
+        grading for MTUnet and Ours); the first Ours is exported with its overlays."""
+        folds = self.config.train.folds
+        fold_tag = f"{tag}_fold{fold}" if folds > 1 else tag
+        name = f"{fold_tag}_{STAGE_NAMES[row]}"
+        spec = _DATASETS[dataset]
+        number = spec["number"]
+        beta = getattr(self.method, spec["beta"])
+        records_dir = self.ctx.records(dataset)
+        mode = self._scaling(self._row_network(row))
+        # the fold's sizes do not depend on the pseudo grades that stratify it
+        counted = self._fold_sources(dataset, sources, fold, seed, None)
+        train_count, test_count = (sum(len(s.ids) for s in part) for part in counted)
+        # The official split is the same in every run; k-fold splits depend on run and labels.
+        where = dataset if folds <= 1 else f"{dataset}_fold{fold}"
+        test_key = f"{where}_test_{mode}" + ("" if folds <= 1 else f"_seed{seed}")
+
+        def fold_sources():
+            return self._fold_sources(dataset, sources, fold, seed, self._split_grades(tag))
+
+        train = Data(
+            f"{where}_train_{mode}_seed{seed}",
+            build=lambda cache: self._train_images(fold_sources()[0], seed, mode, cache),
+            examples=train_count,
+            size=self.size,
+            masks=len(keys.LESIONS),
+            shuffle_buffer=max(train_count, 1),
+            batch=self.batch,
+            train=True,
+            held_bytes=train_count * self.size**2 * _FLOAT_IMAGE_EXTRA_BYTES,
+        )
+        test = Data(
+            test_key,
+            build=lambda cache: self._seg_eval_stream(fold_sources()[1], mode=mode, cache=cache),
+            examples=test_count,
+            size=self.size,
+            masks=len(keys.LESIONS),
+            batch=self.batch,
+        )
+        graded = row in ("MTUnet", "Ours")
+        grading = self._grading_spec(dataset, "test", mode=mode)
+
+        def run(inputs):
+            labels = inputs[stage1]
+            train_sources, test_sources = self._fold_sources(
+                dataset, sources, fold, seed, labels.grade
+            )
+            stream = self.ctx.data(train.key)
+            network = self.train_pixel_model(
+                row, train_sources, labels, name, seed, beta, stream=stream
+            )
+            test_data = self.ctx.data(test.key)
+            scores = self._evaluate_segmentation(network, test_sources, mode, data=test_data)
+            if row in PAPER_SEGMENTATION[dataset]:
+                self.tables.add_segmentation(f"table{number}_segmentation", row, scores)
+            if row in PAPER_ABLATION:
+                self.tables.add_segmentation("table3_ablation", row, scores)
+            if row == "Ours" and dataset == "idrid":
+                self.tables.add_segmentation("table3_ablation", "+ Weight", scores)
+            if graded:
+                data = self.ctx.data(grading.key)
+                accuracy = self._evaluate_grading(network, records_dir, mode, data=data)
+                self.tables.add_accuracy(f"table{number}_grading", row, accuracy)
+            if export and self.ctx.is_chief:
+                self._export_and_overlays(network, test_sources, data=test_data)
+
+        return Stage(
+            name,
+            run=run,
+            nets=self._row_nets(row),
+            data=[train, test] + ([grading] if graded else []),
+            steps=self._steps(train_count),
+            epochs=self.config.train.epochs,
+            batch=self.batch,
+            consumes=(stage1,),
+            group=f"{dataset}_{STAGE_NAMES[row]}",
+        )
+
+    def _fold_sources(self, dataset: str, sources, fold: int, seed: int, grades):
+        """Training and test sources of one fold (:func:`split_sources`), never empty."""
+        train, test = split_sources(
+            sources, folds=self.config.train.folds, fold=fold, seed=seed, grades=grades
+        )
+        if not train or not test:
+            raise ValueError(
+                f"{dataset}: no training or no test images with lesion masks for fold {fold} "
+                f"(train {[(s.split, len(s.ids)) for s in train]}, test "
+                f"{[(s.split, len(s.ids)) for s in test]})"
+            )
+        return train, test
+
+    def _split_grades(self, tag: str) -> Optional[Dict[str, int]]:
+        """The pseudo grades stratifying the k-fold split of run ``tag`` (None: official
+        split). Only a dry run can ask before its stage 1 ran (a skipped run): its folds are
+        then built unstratified, for their data only (nothing of them trains or reports)."""
+        if self.config.train.folds <= 1:
+            return None
+        grades = self._fold_grades.get(tag)
+        if grades is None:
+            if not getattr(self.ctx, "dry_run", 0):
+                raise RuntimeError(
+                    f"stage {tag}_stage1 has not run: the folds of {tag} are stratified by its "
+                    "pseudo grades"
+                )
+            log.info(
+                "dry run: stage %s_stage1 was skipped, so the folds of %s are built "
+                "unstratified (their data only)",
+                tag,
+                tag,
+            )
+        return grades
+
+    def _grading_spec(self, dataset: str, split: str, *, mode: str, seed: int = 0) -> Data:
+        """The declared grading split ``split`` of ``dataset`` scaled by ``mode`` (training:
+        augmented, shuffled, repeating, per seed)."""
+        records_dir = self.ctx.records(dataset)
+        training = split == "train"
+        seed = seed if training else 0
+        return Data(
+            f"{dataset}_grading_{split}_{mode}" + (f"_seed{seed}" if training else ""),
+            build=lambda cache: self._grading_data(
+                records_dir, split, training=training, mode=mode, seed=seed, cache=cache
+            ),
+            examples=self._grading_count(records_dir, split),
+            size=self.size,
+            shuffle_buffer=_PIPELINE_SHUFFLE_BUFFER if training else 0,
+            batch=self.batch,
+            train=training,
+        )
+
+    def _grader_net(self, arch: str, *, trainable: bool = True) -> Net:
+        optimizer = self.config.optimizers["model"].name if trainable else "none"
+        return Net(arch, lambda: self._build_grader(arch), trainable, optimizer)
+
+    def _row_nets(self, row: str) -> List[Net]:
+        """The networks a pixel-level row trains (the bilevel rows: network + label net)."""
+        optimizer = self.config.optimizers["model"].name
+        if row in SEGMENTER_ROWS:
+            name = SEGMENTER_ROWS[row]
+            backbone = getattr(self.method, _SEGMENTER_BACKBONE[name])
+            return [Net(f"{name}_{backbone}", lambda: self._build_segmenter(name), True, optimizer)]
+        role = {"MTUnet": "mtunet", "L_S": "segmentation"}.get(row, "multitask")
+        nets = [Net(f"vgg16_unet_{role}", lambda: self._build_vgg16_unet(role), True, optimizer)]
+        if row in ("+ Upd-Net", "Ours"):
+            label = self.config.optimizers["label"].name
+            nets.append(Net("label_update_net", self._build_label_net, True, label))
+        return nets
 
 
 class PLDMLT(Experiment):
@@ -1479,8 +1766,26 @@ class PLDMLT(Experiment):
     title = "PLDMLT: pixel-level labelled images for multi-task DR grading and segmentation"
     presets = {"smoke": SMOKE, "paper": PAPER}
 
-    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
-        return _Run(ctx).run()
+    def pretrained_weights(self, config: Config) -> list:
+        """The ImageNet files of ``config`` (``model.encoder_weights``): the stage-1 ResNeXts,
+        the NASNet and DenseNet-201 graders, the four segmenters' encoders and the VGG16-UNets
+        (Ours, the ablation rows, MTUnet); see :mod:`drkeras.weights`."""
+        from drkeras import weights
+
+        w, m = config.model.encoder_weights, config.method
+        graders = [*PSEUDO_GRADERS.values(), m.nasnet, "densenet201"]
+        return weights.collect(
+            *(weights.grader(arch, w) for arch in graders),
+            *(
+                weights.segmenter(name, getattr(m, _SEGMENTER_BACKBONE[name]), w,
+                                  width=config.model.width)
+                for name in SEGMENTER_ROWS.values()
+            ),
+            weights.vgg16_encoder(w, network="VGG16-UNet (Ours, ablations, MTUnet)"),
+        )  # fmt: skip
+
+    def prepare(self, ctx: RunContext) -> "_Run":
+        return _Run(ctx)
 
 
 if __name__ == "__main__":

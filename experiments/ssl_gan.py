@@ -64,14 +64,24 @@ fraction_split`, seeded by the sampling), and:
    the same recipe. The image it sees is the one the patch classifiers see, the max-normalised
    photograph at 256 x 256 (the 64 patches side by side). The pretrained weights are set by
    ``method.pretrained_weights`` (``method.resnet34_weights`` for ResNet34; this experiment does
-   not read ``model.encoder_weights``) and fetched before anything else
-   (:func:`check_pretrained_weights`): offline, the run stops at once naming that key.
+   not read ``model.encoder_weights``) and fetched by the runner before the first stage
+   (:func:`drkeras.weights.ensure_available`): offline, the run stops at once naming that key.
 
 Evaluation on the test cohort: patch-level ROC AUC over all its patches (Table 1) and the
 image-level ROC AUC of ``score_i = sum_j sigmoid(l_ij)`` (Table 2); the image threshold is the
 one of best balanced accuracy on the validation cohort, and the test accuracy at it is
 reported; the localisation AUC (Sec. 4) is the pixel ROC AUC of the Gaussian-blurred patch
 score map (Fig. 2) against the union of the lesion masks, pooled over the DR test images.
+
+Stages (declared for the shared runner, :mod:`drkeras.stages`): ``cohort`` reads the patch
+grids of the three cohorts and the test lesion masks (float32 grids, about 196 MB for the
+paper's 249 images at 1024 px; held in host memory until the last network stage, declared as
+``held_bytes``); then, per label column and sampling, ``<n>of149_s<k>_`` + ``ssl_gan``,
+``convnet``, ``resnet34``, ``resnet50_pretrained`` and ``resnet50_resnet50``, each training one
+network, evaluating it and filling its cells (group ``<n>of149_<network>``: a dry run trains
+sampling 0 of each column and network). The SSL-GAN's patch streams are cached per stage (the
+runner's ``data.cache`` choice) and released with it; Table 7's whole images are assembled from
+the held grids within each ResNet50 stage.
 """
 
 import dataclasses
@@ -97,6 +107,7 @@ from drkeras.export import export_model
 from drkeras.models import ssl_gan as nets
 from drkeras.plots import plot_history, plot_patch_scores
 from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
 from drkeras.training.optim import build_optimizer
 from drkeras.training.ssl_gan import (
     LABELED,
@@ -117,7 +128,6 @@ __all__ = [
     "Method",
     "SSLGAN",
     "SUPERVISED_AUGMENTATION",
-    "check_pretrained_weights",
     "export_patch_classifier",
     "read_cohort",
     "split_cohort",
@@ -438,28 +448,26 @@ RESNET34_WEIGHTS = "method.resnet34_weights"
 PRETRAINED_WEIGHTS = "method.pretrained_weights"
 
 
-def check_pretrained_weights(method: Method) -> None:
-    """Build the networks that load pretrained weights once, before any data or training.
+def _pretrained_files(method: Method) -> list:
+    """The files of :meth:`SSLGAN.pretrained_weights`: image-classifiers' ResNet34 (the patch
+    baseline, :func:`drkeras.models.ssl_gan.build_resnet_patch_classifier`) and
+    keras.applications' ResNet50 (Table 7, ``build_resnet_image_classifier``)."""
+    from drkeras import weights
 
-    Downloads the weight files into the Keras cache (later builds read them there), or, offline
-    without a cached file, fails at once with a
-    :class:`~drkeras.models.blocks.PretrainedWeightsUnavailable` naming the key to set to
-    ``none`` (``method.resnet34_weights`` or ``method.pretrained_weights``), instead of after
-    the first SSL-GAN and baselines have trained. Nothing is built for ``none``.
-    """
-    patch = (method.patch_size, method.patch_size, 3)
-    if method.resnet34_weights is not None:
-        nets.build_resnet_patch_classifier(
-            input_shape=patch,
-            encoder_weights=method.resnet34_weights,
-            weights_option=RESNET34_WEIGHTS,
-        )
-    if method.pretrained_weights is not None:
-        nets.build_resnet_image_classifier(
-            input_shape=patch,
-            encoder_weights=method.pretrained_weights,
-            weights_option=PRETRAINED_WEIGHTS,
-        )
+    return weights.collect(
+        weights.image_classifier(
+            "resnet34",
+            method.resnet34_weights,
+            key=RESNET34_WEIGHTS,
+            network="ResNet34 patch baseline",
+        ),
+        weights.keras_application(
+            "ResNet50",
+            method.pretrained_weights,
+            key=PRETRAINED_WEIGHTS,
+            network="ResNet50 (Table 7 'Pretrained')",
+        ),
+    )
 
 
 # Augmentation of the supervised networks. Supplement A: the associated CNN (the ConvNet, the
@@ -537,7 +545,57 @@ def supervised_augmentation(recipe: str, size: int) -> keras.Sequential:
     raise ValueError(f"augmentation recipe must be 'table5' or 'crop_flip', got {recipe!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sampling:
+    """One labeled subset of the training cohort: a label column and sampling (one cell of each
+    table), the positions of its labeled images in the training cohort, and its seed."""
+
+    column: str
+    sampling: int
+    seed: int
+    index: Tuple[int, ...]
+    tag: str
+
+
+@dataclasses.dataclass
+class _Cohort:
+    """What the ``cohort`` stage reads and every network stage consumes: the patch grids of the
+    training, validation and test cohorts and the test DR images' lesion masks. Held in host
+    memory (declared as ``held_bytes``) until the last network stage has ended."""
+
+    train: _Grids
+    val: _Grids
+    test: _Grids
+    masks: np.ndarray
+
+
+# Patches the shuffle buffer of each pipeline of a GAN patch stream holds.
+PATCH_SHUFFLE = 2048
+# Images per batch of the evaluation grids (patch_dataset, mode="images").
+GRID_BATCH = 16
+MASK_BATCH = 8
+
+
+def _cache_part(cache, part: str):
+    """The ``cache`` argument of one of the several pipelines behind one declared dataset: a file
+    cache gets a file of its own per pipeline (``<path>.<part>``; the runner deletes
+    ``<path>*`` with the dataset)."""
+    if isinstance(cache, str):
+        pathlib.Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        return f"{cache}.{part}"
+    return cache
+
+
 class _Run:
+    """The run's declared stages (:meth:`stages`) and its tables (:meth:`report`).
+
+    Stages, in order: ``cohort`` (reads the patch grids of the three cohorts and the test lesion
+    masks, held until the last network stage), then for each label column and sampling
+    ``<column>_s<sampling>_`` + ``ssl_gan``, ``convnet``, ``resnet34``, ``resnet50_pretrained``,
+    ``resnet50_resnet50``, each training its network, evaluating it and filling its table cells.
+    The samplings of one column and network form one group (a dry run trains the first).
+    """
+
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.config = ctx.config
@@ -561,8 +619,9 @@ class _Run:
             )
         self.tables = self._tables()
         self.seed = self.config.seed
-        check_pretrained_weights(m)
         self.records = ctx.records("idrid")
+        # Localisation AUC per network row and sampling tag (the gain pairs them in report()).
+        self._local: Dict[str, Dict[str, float]] = {row: {} for row in PATCH_ROWS}
 
     # ----------------------------------------------------------------------------- tables
 
@@ -636,36 +695,58 @@ class _Run:
             fov_crop=self.data.fov_crop,
         )
 
-    def grids(self, images: Sequence[CohortImage]) -> _Grids:
-        """Patch grids and labels of ``images`` (healthy images: every patch 0)."""
-        order = {c.id: i for i, c in enumerate(images)}
-        n = len(images)
-        g2, p = self.method.grid**2, self.method.patch_size
-        patches = np.zeros((n, g2, p, p, 3), np.float32)
-        patch_labels = np.zeros((n, g2), np.int32)
-        found = np.zeros(n, bool)
-        for (split, label), ids in self._groups(images):
-            # one id at a time would decode twice; instead read the group and match by order
-            ds = pipeline.patch_dataset(
+    def grid_order(self, images: Sequence[CohortImage]) -> List[str]:
+        """The ids of ``images`` in the order :meth:`grid_dataset` yields them."""
+        return [
+            i for (split, _), ids in self._groups(images) for i in self._record_order(split, ids)
+        ]
+
+    def grid_dataset(self, images: Sequence[CohortImage], *, cache=False) -> tf.data.Dataset:
+        """The patch grids of ``images`` (``patch_dataset``, mode ``images``), in batches of
+        ``GRID_BATCH`` images, in :meth:`grid_order`; healthy images' patch labels are -1 here
+        (:meth:`grids` makes them 0)."""
+        parts = [
+            pipeline.patch_dataset(
                 self.records,
                 split,
                 mode="images",
                 labeled=bool(label),
                 ids=ids,
                 shuffle=False,
-                batch_size=16,
-                cache=False,
+                batch_size=GRID_BATCH,
+                cache=_cache_part(cache, str(i)),
                 **self._patch_args(),
             )
-            rows = [order[i] for i in self._record_order(split, ids)]
-            k = 0
-            for grid, targets in ds.as_numpy_iterator():
-                for j in range(len(grid)):
-                    patches[rows[k]] = grid[j]
-                    if label:
-                        patch_labels[rows[k]] = targets[pipeline.PATCH_LABELS][j]
-                    found[rows[k]] = True
-                    k += 1
+            for i, ((split, label), ids) in enumerate(self._groups(images))
+        ]
+        if not parts:
+            raise ValueError("grid_dataset: no cohort images")
+        data = parts[0]
+        for part in parts[1:]:
+            data = data.concatenate(part)
+        return data
+
+    def grids(self, images: Sequence[CohortImage], dataset=None) -> _Grids:
+        """Patch grids and labels of ``images`` (healthy images: every patch 0), read from
+        ``dataset`` (their :meth:`grid_dataset`; built here when not given)."""
+        order = {c.id: i for i, c in enumerate(images)}
+        label_of = {c.id: c.label for c in images}
+        n = len(images)
+        g2, p = self.method.grid**2, self.method.patch_size
+        patches = np.zeros((n, g2, p, p, 3), np.float32)
+        patch_labels = np.zeros((n, g2), np.int32)
+        found = np.zeros(n, bool)
+        rows = self.grid_order(images)
+        dataset = self.grid_dataset(images) if dataset is None else dataset
+        k = 0
+        for grid, targets in dataset.as_numpy_iterator():
+            for j in range(len(grid)):
+                row = order[rows[k]]
+                patches[row] = grid[j]
+                if label_of[rows[k]]:
+                    patch_labels[row] = targets[pipeline.PATCH_LABELS][j]
+                found[row] = True
+                k += 1
         if not found.all():
             missing = [images[i].id for i in np.flatnonzero(~found)][:5]
             raise ValueError(f"no records (with masks) found for cohort images {missing}")
@@ -677,11 +758,14 @@ class _Run:
         all_ids = pipeline.read_labels(self.records, split)[keys.ID]
         return [i for i in all_ids if i in wanted]
 
-    def patch_stream(self, images, *, labeled: bool, augment: bool, seed: int) -> tf.data.Dataset:
+    def patch_stream(
+        self, images, *, labeled: bool, augment: bool, seed: int, cache=True
+    ) -> tf.data.Dataset:
         """An endless shuffled stream of single ``(patch, label)`` of ``images``; label -1 for
-        DR images when not ``labeled``, 0 for healthy images."""
+        DR images when not ``labeled``, 0 for healthy images. ``cache``: of every pipeline
+        (one per records split and image label)."""
         parts, weights = [], []
-        for (split, label), ids in self._groups(images):
+        for i, ((split, label), ids) in enumerate(self._groups(images)):
             ds = pipeline.patch_dataset(
                 self.records,
                 split,
@@ -691,9 +775,10 @@ class _Run:
                 batch_size=64,
                 augment=augment,
                 shuffle=True,
-                shuffle_buffer=2048,
+                shuffle_buffer=PATCH_SHUFFLE,
                 seed=seed,
                 repeat=True,
+                cache=_cache_part(cache, str(i)),
                 **self._patch_args(),
             ).unbatch()
             if not label:
@@ -707,7 +792,283 @@ class _Run:
             parts, weights=[w / total for w in weights], seed=seed
         )
 
+    def gan_stream(self, labeled, train_images, seed: int, cache=True) -> tf.data.Dataset:
+        """The SSL-GAN's batches ``({LABELED, UNLABELED}, labels)``: ``data.batch_size``
+        labeled patches of ``labeled`` and as many unlabeled patches of ``train_images``."""
+        batch = self.data.batch_size
+        lab = self.patch_stream(
+            labeled,
+            labeled=True,
+            augment=self.data.augment,
+            seed=seed,
+            cache=_cache_part(cache, "labeled"),
+        )
+        unl = self.patch_stream(
+            train_images,
+            labeled=False,
+            augment=self.data.augment,
+            seed=seed + 7,
+            cache=_cache_part(cache, "unlabeled"),
+        )
+        data = tf.data.Dataset.zip(
+            (lab.batch(batch, drop_remainder=True), unl.batch(batch, drop_remainder=True))
+        ).map(lambda a, b: ({LABELED: a[0], UNLABELED: b[0]}, a[1]))
+        return data.prefetch(tf.data.AUTOTUNE)
+
+    def mask_dataset(self, dr_test: Sequence[CohortImage], *, cache=False) -> tf.data.Dataset:
+        """Union lesion masks of ``dr_test`` at ``method.localisation_size``, in
+        :meth:`grid_order`."""
+        parts = [
+            pipeline.segmentation_dataset(
+                self.records,
+                split,
+                size=self.method.localisation_size,
+                batch_size=MASK_BATCH,
+                lesions=patch_ops.ABNORMAL_LESIONS,
+                merge_lesions=True,
+                fov_crop=self.data.fov_crop,
+                shuffle=False,
+                cache=_cache_part(cache, str(i)),
+                ids=ids,
+            )
+            for i, ((split, _), ids) in enumerate(self._groups(dr_test))
+        ]
+        data = parts[0]
+        for part in parts[1:]:
+            data = data.concatenate(part)
+        return data
+
+    def _lesion_masks(self, test: _Grids, dataset=None) -> np.ndarray:
+        """Union lesion masks ``[N_dr, S, S]`` of the DR test images, in their cohort order."""
+        dr = [c for c in test.images if c.label == 1]
+        size = self.method.localisation_size
+        if not dr:
+            return np.zeros((0, size, size), bool)
+        order = self.grid_order(dr)
+        dataset = self.mask_dataset(dr) if dataset is None else dataset
+        masks, k = {}, 0
+        for _, targets in dataset.as_numpy_iterator():
+            for mask in targets[keys.MASKS]:
+                masks[order[k]] = mask[..., 0] > 0
+                k += 1
+        return np.stack([masks[c.id] for c in dr])
+
+    # ------------------------------------------------------------------------ the stages
+
+    def cohort_parts(self) -> Dict[str, List[CohortImage]]:
+        """The training / validation / test cohorts (from the records' labels only)."""
+        m = self.method
+        cohort = read_cohort(self.records)
+        n_dr = sum(c.label for c in cohort)
+        if n_dr == 0 or n_dr == len(cohort):
+            raise ValueError(
+                f"{self.records}: the cohort needs DR images with MA/HE/EX/SE masks and healthy "
+                f"(grade 0) images; found {n_dr} DR and {len(cohort) - n_dr} healthy"
+            )
+        parts = split_cohort(cohort, m.cohort_split, seed=self.seed)
+        log.info(
+            "cohort: %d DR + %d healthy -> train %d, val %d, test %d",
+            n_dr,
+            len(cohort) - n_dr,
+            *(len(parts[k]) for k in ("train", "val", "test")),
+        )
+        return parts
+
+    def samplings(self, train: Sequence[CohortImage]) -> List[_Sampling]:
+        """Every labeled subset, column by column: ``round(n/149 * N_train)`` training images,
+        stratified, seeded by the sampling."""
+        m = self.method
+        train_ids = [c.id for c in train]
+        train_labels = [c.label for c in train]
+        out = []
+        for column in m.label_columns:
+            for sampling in range(m.samplings):
+                chosen, _ = pipeline.fraction_split(
+                    train_ids, column_fraction(column), seed=self.seed + sampling,
+                    stratify=train_labels,
+                )  # fmt: skip
+                out.append(
+                    _Sampling(
+                        column=column,
+                        sampling=sampling,
+                        seed=self.seed + 1000 * sampling + COLUMNS.index(column),
+                        index=tuple(train_ids.index(i) for i in chosen),
+                        tag=f"{column.replace('/', 'of')}_s{sampling}",
+                    )
+                )
+        return out
+
+    def _grid_bytes(self, images: int) -> int:
+        """Host bytes of the float32 patch grids and int32 patch labels of ``images``."""
+        m = self.method
+        return images * m.grid**2 * (m.patch_size**2 * 3 * 4 + 4)
+
+    def _cohort_data(self, parts: Dict[str, List[CohortImage]]) -> List[Data]:
+        """The datasets the ``cohort`` stage reads; what it holds of them is ``held_bytes``."""
+        grid_side = self.method.grid * self.method.patch_size
+        out = [
+            Data(
+                f"grids_{name}",
+                build=lambda cache, images=parts[name]: self.grid_dataset(images, cache=cache),
+                examples=len(parts[name]),
+                size=grid_side,  # float32 grids: the prefetched batches' bytes at this side
+                batch=GRID_BATCH,
+                cached=False,  # read once into arrays
+                held_bytes=self._grid_bytes(len(parts[name])),
+            )
+            for name in ("train", "val", "test")
+        ]
+        dr_test = [c for c in parts["test"] if c.label == 1]
+        if dr_test:
+            size = self.method.localisation_size
+            out.append(
+                Data(
+                    "test_lesion_masks",
+                    build=lambda cache: self.mask_dataset(dr_test, cache=cache),
+                    examples=len(dr_test),
+                    size=size,
+                    masks=1,
+                    batch=MASK_BATCH,
+                    cached=False,
+                    held_bytes=len(dr_test) * size * size,  # bool masks
+                )
+            )
+        return out
+
+    def read_cohort_stage(self, parts: Dict[str, List[CohortImage]]) -> _Cohort:
+        train, val, test = (
+            self.grids(parts[k], self.ctx.data(f"grids_{k}")) for k in ("train", "val", "test")
+        )
+        dr = any(c.label == 1 for c in test.images)
+        masks = self._lesion_masks(test, self.ctx.data("test_lesion_masks") if dr else None)
+        return _Cohort(train, val, test, masks)
+
+    def _nets(self) -> Dict[str, Net]:
+        """Every network of the run at the preset's width and input size (random weights)."""
+        m, width = self.method, self.config.model.width
+        patch = (m.patch_size, m.patch_size, 3)
+        direct = self._direct_size()
+
+        def discriminator(name):
+            return lambda: nets.build_discriminator(input_shape=patch, width=width, name=name)
+
+        return {
+            "discriminator": Net("ssl_gan_discriminator", discriminator("ssl_gan_discriminator")),
+            "ema": Net(
+                "ssl_gan_discriminator_ema",
+                discriminator("ssl_gan_discriminator_ema"),
+                trainable=False,
+                optimizer="none",
+            ),
+            "generator": Net("ssl_gan_generator", self._generator),
+            "convnet": Net("convnet", discriminator("convnet")),
+            "resnet34": Net(
+                "resnet34",
+                lambda: nets.build_resnet_patch_classifier(input_shape=patch, encoder_weights=None),
+            ),
+            "resnet50": Net(
+                "resnet50",
+                lambda: nets.build_resnet_image_classifier(
+                    input_shape=(direct, direct, 3), encoder_weights=None
+                ),
+            ),
+        }
+
+    def stages(self) -> List[Stage]:
+        m, g2 = self.method, self.method.grid**2
+        parts = self.cohort_parts()
+        train = parts["train"]
+        declared = self._nets()
+        cohort_data = self._cohort_data(parts)
+        out = [Stage("cohort", run=lambda inputs: self.read_cohort_stage(parts), data=cohort_data)]
+        batch = self.data.batch_size
+        gan_steps = self.config.train.steps_per_epoch or math.ceil(len(train) * g2 / batch)
+        for s in self.samplings(train):
+            labeled = [train[i] for i in s.index]
+            column = s.column.replace("/", "of")
+            pipelines = len(self._groups(labeled)) + len(self._groups(train))
+            gan_data = Data(
+                f"{s.tag}_gan_patches",
+                build=lambda cache, s=s, labeled=labeled: self.gan_stream(
+                    labeled, train, s.seed, cache
+                ),
+                # the pipelines cache float32 patches (4 bytes a value): the bytes of uint8
+                # images of side 2 * patch_size, one example per patch
+                examples=(len(labeled) + len(train)) * g2,
+                size=2 * m.patch_size,
+                shuffle_buffer=PATCH_SHUFFLE * pipelines,
+                batch=2 * batch,  # labeled + unlabeled patches per element
+                train=True,
+            )
+            out.append(
+                Stage(
+                    f"{s.tag}_ssl_gan",
+                    run=lambda inputs, s=s, steps=gan_steps: self.run_ssl_gan(
+                        inputs["cohort"], s, steps
+                    ),
+                    nets=[declared["discriminator"], declared["ema"], declared["generator"]],
+                    data=[gan_data],
+                    steps=gan_steps,
+                    epochs=self.config.train.epochs,
+                    batch=batch,
+                    consumes=("cohort",),
+                    group=f"{column}_ssl_gan",
+                )
+            )
+            patches = len(s.index) * g2
+            for kind, row in (("convnet", "ConvNet"), ("resnet34", "ResNet34")):
+                out.append(
+                    Stage(
+                        f"{s.tag}_{kind}",
+                        run=lambda inputs, s=s, row=row: self.run_patch_baseline(
+                            inputs["cohort"], s, row
+                        ),
+                        nets=[declared[kind]],
+                        steps=self._baseline_steps(patches),
+                        epochs=m.baseline_epochs,
+                        batch=min(m.baseline_batch, patches),
+                        consumes=("cohort",),
+                        group=f"{column}_{kind}",
+                    )
+                )
+            for row in ("Pretrained", "ResNet50"):
+                kind = f"resnet50_{row.lower()}"
+                out.append(
+                    Stage(
+                        f"{s.tag}_{kind}",
+                        run=lambda inputs, s=s, row=row: self.run_direct(inputs["cohort"], s, row),
+                        nets=[declared["resnet50"]],
+                        steps=self._baseline_steps(len(s.index)),
+                        epochs=m.baseline_epochs,
+                        batch=min(m.baseline_batch, len(s.index)),
+                        consumes=("cohort",),
+                        group=f"{column}_{kind}",
+                    )
+                )
+        if len(out) > 1:
+            # The cohort's arrays stay in memory until the last network stage: declaring its
+            # datasets there too keeps them (and their held_bytes) alive in the plan until then.
+            out[-1].data = list(out[-1].data) + cohort_data
+        return out
+
+    def report(self) -> List[ResultsTable]:
+        local = self._local
+        tags = [t for t in local["SSL-GAN"] if all(t in local[row] for row in PATCH_ROWS)]
+        if tags:
+            ssl = np.array([local["SSL-GAN"][t] for t in tags])
+            cnn = 0.5 * np.array([local["ConvNet"][t] + local["ResNet34"][t] for t in tags])
+            log.info("localisation AUC: SSL-GAN %.1f vs CNN baselines %.1f", ssl.mean(),
+                     cnn.mean())  # fmt: skip
+            self.tables["localisation"].add("SSL-GAN", LOCALISATION_COLUMNS[1], ssl - cnn)
+        if self.ctx.history_path.exists():
+            plot_history(self.ctx.history_path, self.ctx.out_dir / "training_curves.png")
+        return list(self.tables.values())
+
     # ---------------------------------------------------------------------------- training
+
+    def _baseline_steps(self, examples: int) -> int:
+        m = self.method
+        return m.baseline_steps_per_epoch or max(1, examples // min(m.baseline_batch, examples))
 
     def _optimizer(self, name: str, steps_per_epoch: int):
         cfg = self.config.optimizers[name]
@@ -725,29 +1086,24 @@ class _Run:
             input_shape=(m.patch_size, m.patch_size, 3), width=self.config.model.width, name=name
         )
 
-    def train_ssl_gan(self, train: _Grids, labeled: Sequence[CohortImage], stage: str, seed):
-        m, batch = self.method, self.data.batch_size
-        steps = self.config.train.steps_per_epoch or math.ceil(
-            train.patches.shape[0] * m.grid**2 / batch
+    def _generator(self) -> keras.Model:
+        m = self.method
+        return nets.build_generator(
+            latent_dim=m.latent_dim,
+            start_size=m.gen_start_size,
+            width=self.config.model.width,
+            output_size=m.patch_size,
         )
-        lab = self.patch_stream(labeled, labeled=True, augment=self.data.augment, seed=seed)
-        unl = self.patch_stream(
-            train.images, labeled=False, augment=self.data.augment, seed=seed + 7
-        )
-        data = tf.data.Dataset.zip(
-            (lab.batch(batch, drop_remainder=True), unl.batch(batch, drop_remainder=True))
-        ).map(lambda a, b: ({LABELED: a[0], UNLABELED: b[0]}, a[1]))
-        data = data.prefetch(tf.data.AUTOTUNE)
+
+    def train_ssl_gan(self, data, train: _Grids, seed: int, steps: int):
+        """The SSL-GAN of the declared stage on ``data`` (:meth:`gan_stream`); returns its EMA
+        discriminator."""
+        m = self.method
         tf.keras.utils.set_random_seed(seed)
         with self.ctx.strategy.scope():
             trainer = PatchSSLGANTrainer(
                 self._discriminator("ssl_gan_discriminator"),
-                nets.build_generator(
-                    latent_dim=m.latent_dim,
-                    start_size=m.gen_start_size,
-                    width=self.config.model.width,
-                    output_size=m.patch_size,
-                ),
+                self._generator(),
                 ema_discriminator=self._discriminator("ssl_gan_discriminator_ema"),
                 noise_seed=seed,
             )
@@ -759,8 +1115,71 @@ class _Run:
                 run_eagerly=m.run_eagerly,
             )
             trainer.initialize(self._init_patches(train, seed))
-        self.ctx.fit(trainer, data, stage=stage, steps_per_epoch=steps)
+        self.ctx.fit(trainer, data, steps_per_epoch=steps)
         return trainer.ema_discriminator
+
+    def run_ssl_gan(self, cohort: _Cohort, s: _Sampling, steps: int) -> None:
+        log.info("column %s sampling %d: %d labeled images", s.column, s.sampling, len(s.index))
+        net = self.train_ssl_gan(self.ctx.data(f"{s.tag}_gan_patches"), cohort.train, s.seed, steps)
+        result = self._evaluate_row("SSL-GAN", net, cohort, s)
+        if s.sampling == 0 and s.column == self._figure_column():
+            self.figure(result, cohort.test, self._assemble(cohort.test))
+        if s.sampling == 0 and s.column == self._export_column() and self.ctx.is_chief:
+            self.export(net, cohort.test)
+
+    def run_patch_baseline(self, cohort: _Cohort, s: _Sampling, row: str) -> None:
+        m, train, val = self.method, cohort.train, cohort.val
+        index = list(s.index)
+        x_lab = train.patches[index].reshape((-1,) + train.patches.shape[2:])
+        y_lab = train.patch_labels[index].ravel()
+        val_x = val.patches.reshape((-1,) + val.patches.shape[2:])
+        val_y = val.patch_labels.ravel()
+        if row == "ConvNet":
+            build, init = (lambda: self._discriminator("convnet")), True
+        else:
+            build = lambda: nets.build_resnet_patch_classifier(  # noqa: E731
+                input_shape=(m.patch_size, m.patch_size, 3),
+                encoder_weights=m.resnet34_weights,
+                weights_option=RESNET34_WEIGHTS,
+            )
+            init = False
+        net = self.train_supervised(
+            build, x_lab, y_lab, val_x, val_y, s.seed, init=init,
+            augmentation=SUPERVISED_AUGMENTATION[row],
+        )  # fmt: skip
+        self._evaluate_row(row, net, cohort, s)
+
+    def run_direct(self, cohort: _Cohort, s: _Sampling, row: str) -> None:
+        """Table 7: ResNet50 on whole images (``Pretrained``: ``method.pretrained_weights``)."""
+        index = list(s.index)
+        weights = self.method.pretrained_weights if row == "Pretrained" else None
+        x_train = self._direct_images(cohort.train.patches[index])
+        x_val = self._direct_images(cohort.val.patches)
+        shape = x_train.shape[1:]
+        net = self.train_supervised(
+            lambda: nets.build_resnet_image_classifier(
+                input_shape=shape, encoder_weights=weights,
+                weights_option=PRETRAINED_WEIGHTS,
+            ),
+            x_train, cohort.train.image_labels[index].astype(np.float32), x_val,
+            cohort.val.image_labels.astype(np.float32), s.seed,
+            augmentation=SUPERVISED_AUGMENTATION["ResNet50"],
+        )  # fmt: skip
+        del x_train, x_val
+        logits = self._predict(net, self._direct_images(cohort.test.patches)[:, None])[:, 0]
+        self.tables["table7"].add(
+            row, s.column, 100 * metrics.roc_auc(cohort.test.image_labels, logits)
+        )
+
+    def _evaluate_row(self, row: str, net, cohort: _Cohort, s: _Sampling) -> dict:
+        result = self.evaluate_patches(net, cohort.val, cohort.test, cohort.masks)
+        self.tables["table1"].add(row, s.column, result["patch_auc"])
+        self.tables["table2"].add(row, s.column, result["image_auc"])
+        self.tables["accuracy"].add(row, ACCURACY_COLUMNS[0], result["threshold"])
+        self.tables["accuracy"].add(row, ACCURACY_COLUMNS[1], result["accuracy"])
+        self.tables["localisation"].add(row, LOCALISATION_COLUMNS[0], result["localisation_auc"])
+        self._local[row][s.tag] = result["localisation_auc"]
+        return result
 
     def _init_patches(self, train: _Grids, seed: int) -> np.ndarray:
         flat = train.patches.reshape((-1,) + train.patches.shape[2:])
@@ -781,12 +1200,12 @@ class _Run:
         y_train,
         x_val,
         y_val,
-        stage: str,
         seed: int,
         init: bool = False,
         augmentation: str = "table5",
     ) -> keras.Model:
-        """Table 5's recipe for a classifier with output ``patch_logits``; returns it trained.
+        """Table 5's recipe for a classifier with output ``patch_logits``, trained in the
+        declared stage on the in-memory arrays (slices of the cohort's held grids); returns it.
 
         ``augmentation``: a recipe of :func:`supervised_augmentation` (``SUPERVISED_AUGMENTATION``
         says which network gets which)."""
@@ -830,7 +1249,6 @@ class _Run:
         self.ctx.fit(
             model,
             train,
-            stage=stage,
             epochs=m.baseline_epochs,
             steps_per_epoch=steps,
             callbacks=callbacks,
@@ -843,37 +1261,12 @@ class _Run:
 
     def _assemble(self, grids: _Grids) -> np.ndarray:
         """Patch grids back to whole images ``[N, G*P, G*P, 3]`` (row-major grid)."""
-        g, p = self.method.grid, self.method.patch_size
-        x = grids.patches.reshape(-1, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(-1, g * p, g * p, 3)
+        return self._assemble_patches(grids.patches)
 
-    def _lesion_masks(self, test: _Grids) -> np.ndarray:
-        """Union lesion masks ``[N_dr, S, S]`` of the DR test images, in their cohort order."""
-        dr = [c for c in test.images if c.label == 1]
-        size = self.method.localisation_size
-        masks = {}
-        for (split, _), ids in self._groups(dr):
-            ds = pipeline.segmentation_dataset(
-                self.records,
-                split,
-                size=size,
-                batch_size=8,
-                lesions=patch_ops.ABNORMAL_LESIONS,
-                merge_lesions=True,
-                fov_crop=self.data.fov_crop,
-                shuffle=False,
-                cache=False,
-                ids=ids,
-            )
-            order = self._record_order(split, ids)
-            k = 0
-            for _, targets in ds.as_numpy_iterator():
-                for mask in targets[keys.MASKS]:
-                    masks[order[k]] = mask[..., 0] > 0
-                    k += 1
-        if not dr:
-            return np.zeros((0, size, size), bool)
-        return np.stack([masks[c.id] for c in dr])
+    def _assemble_patches(self, patches: np.ndarray) -> np.ndarray:
+        g, p = self.method.grid, self.method.patch_size
+        x = patches.reshape(-1, g, g, p, p, 3).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(-1, g * p, g * p, 3)
 
     def evaluate_patches(self, model, val: _Grids, test: _Grids, masks: np.ndarray) -> dict:
         logits = self._predict(model, test.patches)
@@ -949,114 +1342,17 @@ class _Run:
         )
         log.info("exported the SSL-GAN patch classifier (check %s)", report)
 
-    # ------------------------------------------------------------------------------ run
-
-    def run(self) -> List[ResultsTable]:
-        m = self.method
-        cohort = read_cohort(self.records)
-        n_dr = sum(c.label for c in cohort)
-        if n_dr == 0 or n_dr == len(cohort):
-            raise ValueError(
-                f"{self.records}: the cohort needs DR images with MA/HE/EX/SE masks and healthy "
-                f"(grade 0) images; found {n_dr} DR and {len(cohort) - n_dr} healthy"
-            )
-        parts = split_cohort(cohort, m.cohort_split, seed=self.seed)
-        log.info(
-            "cohort: %d DR + %d healthy -> train %d, val %d, test %d",
-            n_dr,
-            len(cohort) - n_dr,
-            *(len(parts[k]) for k in ("train", "val", "test")),
-        )
-        train, val, test = (self.grids(parts[k]) for k in ("train", "val", "test"))
-        masks = self._lesion_masks(test)
-        val_x = val.patches.reshape((-1,) + val.patches.shape[2:])
-        val_y = val.patch_labels.ravel()
-        direct = {name: self._direct_images(g) for name, g in (("train", train), ("val", val),
-                                                                 ("test", test))}  # fmt: skip
-        shown = self._assemble(test)
-        train_ids = [c.id for c in train.images]
-        train_labels = [c.label for c in train.images]
-        local = {name: [] for name in PATCH_ROWS}
-        exported = False
-        for column in m.label_columns:
-            for sampling in range(m.samplings):
-                seed = self.seed + 1000 * sampling + COLUMNS.index(column)
-                chosen, _ = pipeline.fraction_split(
-                    train_ids, column_fraction(column), seed=self.seed + sampling,
-                    stratify=train_labels,
-                )  # fmt: skip
-                index = [train_ids.index(i) for i in chosen]
-                labeled = [train.images[i] for i in index]
-                x_lab = train.patches[index].reshape((-1,) + train.patches.shape[2:])
-                y_lab = train.patch_labels[index].ravel()
-                tag = f"{column.replace('/', 'of')}_s{sampling}"
-                log.info("column %s sampling %d: %d labeled images", column, sampling, len(index))
-
-                networks = {
-                    "SSL-GAN": self.train_ssl_gan(train, labeled, f"{tag}_ssl_gan", seed),
-                    "ConvNet": self.train_supervised(
-                        lambda: self._discriminator("convnet"),
-                        x_lab, y_lab, val_x, val_y, f"{tag}_convnet", seed, init=True,
-                        augmentation=SUPERVISED_AUGMENTATION["ConvNet"],
-                    ),
-                    "ResNet34": self.train_supervised(
-                        lambda: nets.build_resnet_patch_classifier(
-                            input_shape=(m.patch_size, m.patch_size, 3),
-                            encoder_weights=m.resnet34_weights,
-                            weights_option=RESNET34_WEIGHTS,
-                        ),
-                        x_lab, y_lab, val_x, val_y, f"{tag}_resnet34", seed,
-                        augmentation=SUPERVISED_AUGMENTATION["ResNet34"],
-                    ),
-                }  # fmt: skip
-                for row, net in networks.items():
-                    result = self.evaluate_patches(net, val, test, masks)
-                    self.tables["table1"].add(row, column, result["patch_auc"])
-                    self.tables["table2"].add(row, column, result["image_auc"])
-                    self.tables["accuracy"].add(row, ACCURACY_COLUMNS[0], result["threshold"])
-                    self.tables["accuracy"].add(row, ACCURACY_COLUMNS[1], result["accuracy"])
-                    self.tables["localisation"].add(
-                        row, LOCALISATION_COLUMNS[0], result["localisation_auc"]
-                    )
-                    local[row].append(result["localisation_auc"])
-                    if row == "SSL-GAN" and sampling == 0 and column == self._figure_column():
-                        self.figure(result, test, shown)
-                    if row == "SSL-GAN" and not exported and column == self._export_column():
-                        if self.ctx.is_chief:
-                            self.export(net, test)
-                        exported = True
-
-                y_img = train.image_labels[index].astype(np.float32)
-                for row, weights in (("Pretrained", m.pretrained_weights), ("ResNet50", None)):
-                    net = self.train_supervised(
-                        lambda w=weights: nets.build_resnet_image_classifier(
-                            input_shape=direct["train"].shape[1:], encoder_weights=w,
-                            weights_option=PRETRAINED_WEIGHTS,
-                        ),
-                        direct["train"][index], y_img, direct["val"],
-                        val.image_labels.astype(np.float32), f"{tag}_resnet50_{row.lower()}", seed,
-                        augmentation=SUPERVISED_AUGMENTATION["ResNet50"],
-                    )  # fmt: skip
-                    logits = self._predict(net, direct["test"][:, None])[:, 0]
-                    self.tables["table7"].add(
-                        row, column, 100 * metrics.roc_auc(test.image_labels, logits)
-                    )
-        baseline = np.mean([np.mean(local["ConvNet"]), np.mean(local["ResNet34"])])
-        gains = np.asarray(local["SSL-GAN"]) - 0.5 * (
-            np.asarray(local["ConvNet"]) + np.asarray(local["ResNet34"])
-        )
-        log.info("localisation AUC: SSL-GAN %.1f vs CNN baselines %.1f", np.mean(local["SSL-GAN"]),
-                 baseline)  # fmt: skip
-        self.tables["localisation"].add("SSL-GAN", LOCALISATION_COLUMNS[1], gains)
-        if self.ctx.history_path.exists():
-            plot_history(self.ctx.history_path, self.ctx.out_dir / "training_curves.png")
-        return list(self.tables.values())
-
     def _predict(self, model, patches) -> np.ndarray:
         return predict_patch_logits(model, patches, eager=self.method.run_eagerly)
 
-    def _direct_images(self, grids: _Grids) -> np.ndarray:
-        images = self._assemble(grids)
+    def _direct_size(self) -> int:
+        m = self.method
+        return m.direct_image_size or m.grid * m.patch_size
+
+    def _direct_images(self, patches: np.ndarray) -> np.ndarray:
+        """Table 7's whole images of patch grids ``[N, G*G, P, P, 3]`` (the grid put back
+        together, area-averaged to ``method.direct_image_size``)."""
+        images = self._assemble_patches(patches)
         size = self.method.direct_image_size
         if size and size != images.shape[1]:
             images = tf.image.resize(images, [size, size], method="area").numpy()
@@ -1084,8 +1380,13 @@ class SSLGAN(Experiment):
     title = "Patch-based semi-supervised GAN for DR abnormality classification (Lecouat 2018)"
     presets = {"smoke": SMOKE, "paper": PAPER}
 
-    def run(self, ctx: RunContext) -> Sequence[ResultsTable]:
-        return _Run(ctx).run()
+    def pretrained_weights(self, config: Config) -> list:
+        """The pretrained files ``config`` loads (the ResNet34 patch baseline's and Table 7's
+        ResNet50's); see :mod:`drkeras.weights`."""
+        return _pretrained_files(config.method)
+
+    def prepare(self, ctx: RunContext) -> _Run:
+        return _Run(ctx)
 
 
 if __name__ == "__main__":

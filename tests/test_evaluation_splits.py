@@ -60,3 +60,20 @@ def test_bad_evaluation_requests_name_the_problem(eyepacs_records):
         )
     with pytest.raises(FileNotFoundError, match=r"no public-NNNNN.tfrecord shards .*test"):
         pipeline.evaluation_dataset(pipeline.grading_dataset, eyepacs_records, "public+test")
+
+
+def test_a_file_cache_gets_one_file_per_split(eyepacs_records, tmp_path):
+    """Two splits cached in one file would read the first split's images twice."""
+    options = dict(size=32, batch_size=2, num_classes=5)
+    plain = pipeline.evaluation_dataset(
+        pipeline.grading_dataset, eyepacs_records, "val+test", **options
+    )
+    cached = pipeline.evaluation_dataset(
+        pipeline.grading_dataset, eyepacs_records, "val+test", cache=str(tmp_path / "c"), **options
+    )
+    expected = [i.numpy() for i, _ in plain]
+    for _ in range(2):  # writes the files, then reads them
+        got = [i.numpy() for i, _ in cached]
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+    assert sorted(p.name.split(".")[0] for p in tmp_path.glob("c_*.index")) == ["c_test", "c_val"]

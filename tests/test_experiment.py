@@ -11,6 +11,7 @@ import tensorflow as tf
 from drkeras.config import Config, OptimizerConfig
 from drkeras.experiment import Experiment, main
 from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
 from drkeras.training.optim import build_optimizer
 
 
@@ -31,23 +32,51 @@ class LinearProbe(Experiment):
         )
     }
 
-    def run(self, ctx):
+    def prepare(self, ctx):
+        return _ProbeRun(ctx)
+
+
+class _ProbeRun:
+    def __init__(self, ctx):
+        self.ctx = ctx
         rng = np.random.default_rng(ctx.config.seed)
-        x = rng.normal(size=(256, 2)).astype("float32") + ctx.config.method.noise
-        y = (x[:, 0] + x[:, 1] > 0).astype("float32")
-        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+        self.x = rng.normal(size=(256, 2)).astype("float32") + ctx.config.method.noise
+        self.y = (self.x[:, 0] + self.x[:, 1] > 0).astype("float32")
+        self.table = ResultsTable(
+            "table1", "Table 1", ["Accuracy"], paper={"Probe": {"Accuracy": 1.0}}
+        )
+
+    def _model(self):
+        return tf.keras.Sequential([tf.keras.Input((2,)), tf.keras.layers.Dense(1, "sigmoid")])
+
+    def stages(self):
+        data = Data(
+            "probe",
+            lambda cache: tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(32),
+            examples=256,
+            size=1,
+            batch=32,
+            cached=False,
+            train=True,
+        )
+        return [Stage("probe", self.train, nets=[Net("probe", self._model, optimizer="sgd")],
+                      data=[data], steps=8, batch=32)]  # fmt: skip
+
+    def train(self, inputs):
+        ctx = self.ctx
         with ctx.strategy.scope():
-            model = tf.keras.Sequential([tf.keras.layers.Dense(1, activation="sigmoid")])
+            model = self._model()
             model.compile(
                 optimizer=build_optimizer(ctx.config.optimizers["model"]),
                 loss="binary_crossentropy",
                 metrics=["accuracy"],
             )
-        ctx.fit(model, data, stage="probe")
-        accuracy = float(model.evaluate(data, verbose=0)[1])
-        table = ResultsTable("table1", "Table 1", ["Accuracy"], paper={"Probe": {"Accuracy": 1.0}})
-        table.add("Probe", "Accuracy", accuracy)
-        return [table]
+        data = ctx.data("probe")
+        ctx.fit(model, data)
+        self.table.add("Probe", "Accuracy", float(model.evaluate(data, verbose=0)[1]))
+
+    def report(self):
+        return [self.table]
 
 
 def test_run_writes_config_history_and_results(tmp_path, capsys):

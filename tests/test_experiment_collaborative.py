@@ -157,3 +157,72 @@ def test_pretrained_weights_are_refused(tmp_path):
     argv = ["--out", str(tmp_path), "--set", "model.encoder_weights=imagenet"]
     with pytest.raises(ValueError, match="no pretrained weights"):
         main(Collaborative(), argv)
+
+
+@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+def test_dry_run_steps_every_declared_stage_at_batches_1_and_2(tmp_path):
+    """``--dry-run 1`` on the tiny run restricted to IDRiD (every kind of stage; the EyePACS
+    ones are the same four kinds and run in the tiny run above): every declared stage is listed
+    in ``dry_run.json`` with one fit at per-replica batches 1 and 2, and ``plan.json`` has one
+    row per stage, in order, with the networks, steps and batches the stages declare."""
+    out = tmp_path / "dry"
+    overrides = [
+        "data.image_size=32",
+        "data.batch_size=4",
+        "data.synthetic_size=64",
+        "data.synthetic_scale=0.5",
+        "train.epochs=1",
+        "train.steps_per_epoch=1",
+        "train.verbose=0",
+        "method.pretrain_seg_epochs=1",
+        "method.pretrain_grade_epochs=1",
+        "method.fig4_images=1",
+        "method.lesions=MA,EX",
+        "method.datasets=idrid",
+    ]
+    argv = ["--out", str(out), "--dry-run", "1"]
+    argv += [arg for o in overrides for arg in ("--set", o)]
+    assert main(Collaborative(), argv) == 0
+
+    declared = ["pretrain_ce1", "pretrain_ce2"]
+    declared += [f"idrid_{s}" for s in ("ori", "lesion_pretrained", "semi", "semi_adv")]
+    dry = json.loads((out / "dry_run.json").read_text())
+    assert [s["stage"] for s in dry["stages"]] == declared
+    assert dry["declared_stages_not_reached"] == []
+    for stage in dry["stages"]:
+        # No stage repeats a fold or a run: every one trains (its own group).
+        assert stage["trained"] and stage["group"] == stage["stage"], stage["stage"]
+        assert [f["fit"] for f in stage["fits"]] == [stage["stage"]]
+        (fit,) = stage["fits"]
+        assert set(fit["batches"]) == {"1", "2"}, stage["stage"]
+        for batch in ("1", "2"):
+            assert len(fit["batches"][batch]["step_seconds"]) == 1, (stage["stage"], batch)
+            assert fit["batches"][batch]["peak_rss_gb"] > 0
+
+    plan = json.loads((out / "plan.json").read_text())
+    rows = {row["stage"]: row for row in plan["stages"]}
+    assert [row["stage"] for row in plan["stages"]] == declared
+    expected_nets = {
+        "pretrain_ce1": (["generator_ce1"], 4),
+        "pretrain_ce2": (["generator_ce2"], 4),
+        "idrid_ori": (["base_grader"], 8),
+        "idrid_lesion_pretrained": (["generator_ce2", "grader_mask_weighted"], 4),
+        "idrid_semi": (["generator_ce2", "grader_attentive"], 4),
+        "idrid_semi_adv": (["generator_ce2", "grader_attentive", "discriminator"], 4),
+    }
+    for name, (networks, batch) in expected_nets.items():
+        row = rows[name]
+        assert row["networks"] == networks, name
+        assert (row["steps_per_epoch"], row["epochs"], row["global_batch"]) == (1, 1, batch)
+        assert row["parameters"] > 0 and row["flops_per_step"] > 0, name
+    # The runner chose a cache for every dataset key the stages declare, and only for those.
+    assert set(plan["cache"]) == {
+        "idrid_seg_train_b4",
+        "idrid_seg_test",
+        "idrid_grade_train_b8",
+        "idrid_grade_train_b4",
+        "idrid_grade_test",
+        "idrid_mixed",
+    }
+    assert (out / "export" / "collaborative_grader").is_dir()
+    assert (out / "fig4_comparison.png").stat().st_size > 10_000

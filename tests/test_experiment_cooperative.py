@@ -9,6 +9,7 @@ real one.
 """
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -164,29 +165,33 @@ def _small_grader(requested):
     return build
 
 
+# The smallest configuration of the experiment (seconds per stage on 2 CPU cores).
+TINY = [
+    "data.image_size=32",
+    "method.resize_size=36",
+    "data.batch_size=2",
+    "method.batch_ratio=2",
+    "data.synthetic_size=64",
+    "data.synthetic_scale=0.5",
+    "method.encoder_widths=4",
+    "method.classifier_widths=4",
+    "method.fc_units=64",
+    "model.width=0.0625",
+    "train.steps_per_epoch=1",
+    "train.verbose=0",
+    "method.figure_images=1",
+    "method.run_eagerly=true",
+]
+
+
 def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
     requested = []
     monkeypatch.setattr(coop_experiment, "build_reference_grader", _small_grader(requested))
     out = tmp_path / "run"
-    overrides = [
-        "data.image_size=32",
-        "method.resize_size=36",
-        "data.batch_size=2",
-        "method.batch_ratio=2",
-        "data.synthetic_size=64",
-        "data.synthetic_scale=0.5",
-        "method.encoder_widths=4",
-        "method.classifier_widths=4",
-        "method.fc_units=64",
-        "model.width=0.0625",
-        "train.steps_per_epoch=1",
-        "train.verbose=0",
-        "method.figure_images=1",
-        "method.run_eagerly=true",
-    ]
-    argv = ["--out", str(out)] + [arg for o in overrides for arg in ("--set", o)]
+    argv = ["--out", str(out)] + [arg for o in TINY for arg in ("--set", o)]
     assert main(JointSegExperiment(), argv) == 0
-    assert requested == ["vgg19", "inception_v3"]
+    # built once each for the resource plan, then once each by its stage
+    assert requested == ["vgg19", "inception_v3"] * 2
 
     with open(out / "results.csv") as handle:
         cells = {(r["table"], r["row"], r["column"]): r for r in csv.DictReader(handle)}
@@ -244,3 +249,69 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
         "run0_vgg19",
         "run0_inception_v3",
     } == stages
+
+
+RUN_STAGES = [
+    "jointseg",
+    "jointseg_partial_labels",
+    "fcn8s_encoder_classifier",
+    "fcn8s_pretrained",
+    "fcn8s_random",
+    "unet_encoder_classifier",
+    "unet_pretrained",
+    "unet_random",
+    "vgg19",
+    "inception_v3",
+]
+
+
+def test_dry_run_steps_every_stage_at_batches_1_and_2_and_plans_each(tmp_path, monkeypatch):
+    # Two runs: run 1's stages repeat run 0's (same groups), so the dry run only builds their
+    # data, and the report fills every cell from run 0 alone.
+    monkeypatch.setattr(coop_experiment, "build_reference_grader", _small_grader([]))
+    out = tmp_path / "dry"
+    argv = ["--out", str(out), "--dry-run", "1"]
+    argv += [arg for o in TINY + ["train.runs=2"] for arg in ("--set", o)]
+    assert main(JointSegExperiment(), argv) == 0
+
+    declared = [f"run{r}_{name}" for r in range(2) for name in RUN_STAGES]
+    dry = json.loads((out / "dry_run.json").read_text())
+    assert [s["stage"] for s in dry["stages"]] == declared
+    assert dry["declared_stages_not_reached"] == []
+    for entry in dry["stages"]:
+        assert entry["trained"] == entry["stage"].startswith("run0_"), entry["stage"]
+        if entry["trained"]:
+            (fit,) = entry["fits"]
+            assert fit["fit"] == entry["stage"]
+            assert set(fit["batches"]) == {"1", "2"}
+            for batch in ("1", "2"):
+                assert len(fit["batches"][batch]["step_seconds"]) == 1
+                assert fit["batches"][batch]["peak_rss_gb"] > 0
+        else:
+            assert "fits" not in entry
+    plan = json.loads((out / "plan.json").read_text())
+    assert [row["stage"] for row in plan["stages"]] == declared
+    rows = {row["stage"]: row for row in plan["stages"]}
+    # segmentation batch 2, classification batch 2 x 2; the pre-trained UNet's encoder comes
+    # from its classifier stage
+    assert rows["run0_jointseg"]["global_batch"] == 2
+    assert rows["run0_vgg19"]["global_batch"] == 4
+    assert rows["run0_unet_pretrained"]["group"] == rows["run1_unet_pretrained"]["group"]
+    assert plan["cache"]["run0_cls_train"] == "memory"
+
+    with open(out / "results.csv") as handle:
+        cells = {(r["table"], r["row"], r["column"]): r for r in csv.DictReader(handle)}
+    # one value per cell: run 1 was not trained, and left its cells empty
+    for key in (
+        ("table1", "JointSeg [This work]", "mIoU (%)"),
+        ("table2", "UNet", "mIoU (%)"),
+        ("table3", "VGG", "Top-1 (%)"),
+        (
+            "partial_labels",
+            "JointSeg, 20 % true classifier labels",
+            "correct classifier labels (%)",
+        ),
+    ):
+        assert cells[key]["n_runs"] == "1", key
+        assert 0.0 <= float(cells[key]["ours_mean"]) <= 100.0, key
+    assert (out / "export" / "cooperative").is_dir()

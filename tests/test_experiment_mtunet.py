@@ -289,27 +289,30 @@ def test_run_fills_every_table_beside_the_papers_numbers(smoke_run):
     assert markdown in printed
 
 
+# The stages of one run, in order (each trains one network; history.csv names them run<r>_...).
+PER_RUN_STAGES = (
+    "initial_segmenter",
+    "variant_a",
+    "variant_b_step1",
+    "variant_b_step2",
+    "variant_c",
+    "grader_nasnet",
+    "grader_densenet_201",
+    "grader_resnext_101",
+    "grader_inceptionresnetv2",
+    "unet",
+    "linknet",
+    "feature_pyramid",
+    "deeplabv3",
+    "mtunet_idrid_s",
+)
+
+
 def test_run_trains_every_network_of_every_run(smoke_run):
     _, out, _, _ = smoke_run
     with (out / "history.csv").open() as handle:
         stages = {r["stage"] for r in csv.DictReader(handle)}
-    per_run = {
-        "initial_segmenter",
-        "variant_a",
-        "variant_b_step1",
-        "variant_b_step2",
-        "variant_c",
-        "grader_nasnet",
-        "grader_densenet_201",
-        "grader_resnext_101",
-        "grader_inceptionresnetv2",
-        "unet",
-        "linknet",
-        "feature_pyramid",
-        "deeplabv3",
-        "mtunet_idrid_s",
-    }
-    assert stages == {f"run0_{s}" for s in per_run}
+    assert stages == {f"run0_{s}" for s in PER_RUN_STAGES}
 
 
 def test_pseudo_masks_follow_the_grade_zero_rule(smoke_run):
@@ -317,11 +320,11 @@ def test_pseudo_masks_follow_the_grade_zero_rule(smoke_run):
     examples = list(
         tf.data.TFRecordDataset(str(out / "pseudo" / "run0.tfrecord")).map(mtunet._parse_pseudo)
     )
-    grades = sorted(int(g) for _, _, g in examples)
+    grades = sorted(int(g) for _, g in examples)
     assert grades == [0, 1, 2, 3, 4]  # max_per_grade=1 of the balanced EyePACS set
     lesion = list(mtunet_models.lesion_class_indices("red_yellow_od"))
-    for image, classes, grade in examples:
-        assert image.shape == (SIZE, SIZE, 3) and classes.shape == (SIZE, SIZE)
+    for classes, grade in examples:
+        assert classes.shape == (SIZE, SIZE)
         assert int(tf.reduce_max(classes)) < 4
         if int(grade) == 0:
             assert not np.isin(classes.numpy(), lesion).any()
@@ -347,3 +350,37 @@ def test_export_reloads_and_the_figure_exists(smoke_run):
     with Image.open(out / "fig6_segmentation.png") as figure:
         assert figure.size == (int(2.2 * 8 * 100), int((2.4 * 2 + 0.6) * 100))
     assert (out / "history.png").is_file()
+
+
+@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+def test_dry_run_trains_run_0_of_every_stage_and_builds_the_data_of_run_1(tmp_path):
+    out = tmp_path / "dry"
+    argv = ["--out", str(out), "--dry-run", "1"]
+    for item in [*TINY, "train.runs=2"]:
+        argv += ["--set", item]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert mtunet.main(mtunet.MTUnetExperiment(), argv) == 0
+    declared = [f"run{r}_{s}" for r in range(2) for s in PER_RUN_STAGES]
+
+    plan = json.loads((out / "plan.json").read_text())
+    assert [row["stage"] for row in plan["stages"]] == declared
+    groups = {row["stage"]: row["group"] for row in plan["stages"]}
+    assert all(groups[f"run1_{s}"] == groups[f"run0_{s}"] == s for s in PER_RUN_STAGES)
+
+    dry = json.loads((out / "dry_run.json").read_text())
+    entries = {entry["stage"]: entry for entry in dry["stages"]}
+    assert sorted(entries) == sorted(declared) and not dry["declared_stages_not_reached"]
+    for stage in PER_RUN_STAGES:
+        trained, skipped = entries[f"run0_{stage}"], entries[f"run1_{stage}"]
+        assert trained["trained"] and len(trained["fits"]) == 1, stage
+        batches = trained["fits"][0]["batches"]
+        assert sorted(batches) == ["1", "2"], stage
+        assert all(len(b["step_seconds"]) == 1 for b in batches.values()), stage
+        assert not skipped["trained"] and "fits" not in skipped, stage
+
+    # Run 1 trained nothing: every cell holds run 0's number only, nothing is made up.
+    with (out / "results.csv").open() as handle:
+        rows = [r for r in csv.DictReader(handle) if r["ours_mean"]]
+    assert rows and {int(r["n_runs"]) for r in rows} == {1}
+    assert not (out / "pseudo" / "run1.tfrecord").exists()
+    assert (out / "pseudo" / "run0.tfrecord").is_file()

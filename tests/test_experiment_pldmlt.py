@@ -9,6 +9,7 @@ experiment asks for exactly the paper's graders; the real networks are tested in
 """
 
 import csv
+import json
 import math
 import pathlib
 
@@ -179,8 +180,10 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
     ]
     argv = ["--out", str(out)] + [arg for o in overrides for arg in ("--set", o)]
     assert main(PLDMLT(), argv) == 0
-    # the paper's graders, each built once and reused (at its initial weights) for DDR
-    assert sorted(requested) == ["densenet201", "nasnet_mobile", "resnext101", "resnext50"]
+    # the paper's graders: built once for the plan, then in each dataset's stage (its initial
+    # weights drawn from the seed, the same for IDRiD and DDR)
+    graders = ["densenet201", "nasnet_mobile", "resnext101", "resnext50"]
+    assert sorted(requested) == sorted(graders * 3)
 
     rows = _results(out / "results.csv")
     cells = {(r["table"], r["row"], r["column"]): r for r in rows}
@@ -238,6 +241,61 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
         stages = {r["stage"] for r in csv.DictReader(handle)}
     expected_stages = {"idrid_resnext101", "idrid_deeplabv3plus", "idrid_ls_lc_updnet", "ddr_ours"}
     assert expected_stages <= stages
+
+
+@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+def test_dry_run_declares_every_stage_trains_one_per_group_and_plans_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(pldmlt_experiment, "build_grader", _small_grader([]))
+    out = tmp_path / "dry"
+    overrides = [
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.synthetic_size=64",
+        "data.synthetic_scale=0.5",
+        "train.epochs=1",
+        "train.steps_per_epoch=1",
+        "train.verbose=0",
+        "method.overlays=1",
+        "method.fig6_images=1",
+        "method.datasets=idrid",
+        "train.folds=2",
+    ]
+    argv = ["--out", str(out), "--dry-run", "1"] + [a for o in overrides for a in ("--set", o)]
+    assert main(PLDMLT(), argv) == 0
+    rows = ["unet", "linknet", "deeplabv3plus", "fpn", "mtunet", "ls", "ls_lc", "ls_lc_updnet"]
+    folds = [f"idrid_fold{k}_{row}" for k in (0, 1) for row in rows + ["ours"]]
+    graders = ["idrid_resnext101", "idrid_resnext50", "idrid_stage1", "idrid_nasnet_mobile"]
+    declared = graders + ["idrid_densenet201"] + folds
+    plan = json.loads((out / "plan.json").read_text())
+    assert [row["stage"] for row in plan["stages"]] == declared
+    steps = {row["stage"]: row["steps_per_epoch"] for row in plan["stages"]}
+    assert steps["idrid_stage1"] == 0 and all(steps[s] == 1 for s in declared if s != graders[2])
+    groups = {row["stage"]: row["group"] for row in plan["stages"]}
+    assert groups["idrid_fold0_ours"] == groups["idrid_fold1_ours"] == "idrid_ours"
+    assert groups["idrid_stage1"] == "idrid_stage1"
+
+    dry = json.loads((out / "dry_run.json").read_text())
+    assert [entry["stage"] for entry in dry["stages"]] == declared
+    assert dry["declared_stages_not_reached"] == []
+    for entry in dry["stages"]:
+        name = entry["stage"]
+        skipped = name.startswith("idrid_fold1_")  # fold 1 only builds its data
+        assert entry["trained"] is not skipped, name
+        fits = entry.get("fits", [])
+        if skipped or name == "idrid_stage1":
+            assert fits == [], name
+            continue
+        assert [fit["fit"] for fit in fits] == [name]
+        assert set(fits[0]["batches"]) == {"1", "2"}
+        for batch in fits[0]["batches"].values():
+            assert len(batch["step_seconds"]) == 1 and batch["peak_rss_gb"] > 0
+
+    # the report holds fold 0 only: the skipped fold leaves no value (nothing fabricated)
+    cells = {(r["table"], r["row"], r["column"]): r for r in _results(out / "results.csv")}
+    ours = cells[("table1_segmentation", "Ours", "mDice 5-class (%)")]
+    assert int(ours["n_runs"]) == 1 and 0.0 <= float(ours["ours_mean"]) <= 100.0
+    assert int(cells[("table1_grading", "ResNeXt-101", "Accuracy (%)")]["n_runs"]) == 1
+    assert (out / "export" / "pldmlt").is_dir() and (out / "fig6_cams.png").is_file()
 
 
 def test_fig6_figure_has_the_documented_size_and_rejects_bad_shapes(tmp_path):
@@ -354,7 +412,6 @@ def test_each_network_gets_the_input_scaling_of_its_imagenet_weights(tmp_path, m
     }
     for arch, mode in expected.items():
         seen.clear()
-        run._datasets.clear()  # pipelines are shared between networks of one scaling
         run.train_grader(arch, tmp_path, f"stage_{arch}", seed=0)
         assert seen == [("grading", mode)], arch
         assert mode == IMAGENET_SCALING[arch]
@@ -372,7 +429,6 @@ def test_each_network_gets_the_input_scaling_of_its_imagenet_weights(tmp_path, m
     }
     for row, mode in rows.items():
         seen.clear()
-        run._datasets.clear()
         run.train_pixel_model(row, [source], labels, f"stage_{row}", seed=0, beta=0.8)
         assert seen == [("segmentation", mode)], row
     assert len({mode for mode in rows.values()}) == 3  # not one scaling for every network
@@ -384,7 +440,6 @@ def test_each_network_gets_the_input_scaling_of_its_imagenet_weights(tmp_path, m
 
     # evaluation: stage 1 reads the pixel-level images with the graders' scaling
     seen.clear()
-    run._datasets.clear()
     next(run._pixel_chunks([source], run._scaling("resnext101")))
     assert seen == [("segmentation", "raw")]
 

@@ -141,3 +141,58 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path):
         "149of149_s0_convnet",
         "149of149_s0_resnet50_pretrained",
     } <= stages
+
+
+@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+def test_dry_run_lists_every_declared_stage(tmp_path):
+    import json
+
+    out = tmp_path / "dry"
+    overrides = [
+        "method.label_columns=149/149",
+        "method.samplings=2",  # the second sampling's stages: data built, not trained
+        "method.init_batch=64",
+        "method.baseline_epochs=1",
+        "method.baseline_steps_per_epoch=1",
+        "method.localisation_size=64",
+        "method.direct_image_size=32",
+        "method.export_column=149/149",
+        "data.synthetic_scale=1.0",
+        "data.batch_size=16",
+        "train.epochs=1",
+        "train.steps_per_epoch=2",
+        "train.verbose=0",
+    ]
+    argv = ["--out", str(out), "--dry-run", "1"] + [a for o in overrides for a in ("--set", o)]
+    assert main(SSLGAN(), argv) == 0
+
+    networks = ("ssl_gan", "convnet", "resnet34", "resnet50_pretrained", "resnet50_resnet50")
+    declared = ["cohort"] + [f"149of149_s{s}_{n}" for s in (0, 1) for n in networks]
+    plan = json.loads((out / "plan.json").read_text())
+    assert [row["stage"] for row in plan["stages"]] == declared
+    groups = {row["stage"]: row["group"] for row in plan["stages"]}
+    assert groups["149of149_s1_convnet"] == groups["149of149_s0_convnet"] == "149of149_convnet"
+    # the cohort's patch grids are held from the first stage to the last one
+    assert all(row["host_ram_parts_gb"]["held_by_experiment"] > 0 for row in plan["stages"])
+
+    dry = json.loads((out / "dry_run.json").read_text())
+    entries = {entry["stage"]: entry for entry in dry["stages"]}
+    assert sorted(entries) == sorted(declared) and dry["declared_stages_not_reached"] == []
+    trained = {name for name, entry in entries.items() if entry["trained"]}
+    assert trained == {"cohort"} | {f"149of149_s0_{n}" for n in networks}
+    for name in trained - {"cohort"}:
+        (fit,) = entries[name]["fits"]
+        assert fit["fit"] == name and set(fit["batches"]) == {"1", "2"}, name
+        assert all(len(b["step_seconds"]) == 1 for b in fit["batches"].values())
+    assert "fits" not in entries["cohort"]
+    assert all("fits" not in entries[f"149of149_s1_{n}"] for n in networks)
+
+    # the skipped sampling leaves its cells to the trained one: one run per cell, none invented
+    with open(out / "results.csv") as handle:
+        cells = {(r["table"], r["row"], r["column"]): r for r in csv.DictReader(handle)}
+    for row in ("SSL-GAN", "ConvNet", "ResNet34"):
+        assert int(cells[("table1_patch_auc", row, "149/149")]["n_runs"]) == 1
+    assert int(cells[("table7_direct_image_auc", "ResNet50", "149/149")]["n_runs"]) == 1
+    gain = cells[("localisation_auc", "SSL-GAN", "gain of SSL-GAN (points)")]
+    assert int(gain["n_runs"]) == 1
+    assert (out / "export" / "ssl_gan").is_dir()

@@ -67,7 +67,8 @@ def test_cooperative_export_serves_the_evaluation_crop(tmp_path):
     preprocess = export_preprocess(config)
     photo = _photograph()
     root = _write(tmp_path / "records", photo)
-    # the evaluation pipeline of experiments/cooperative.py (_Run.seg_eval / cls_eval)
+    # the evaluation pipeline of experiments/cooperative.py
+    # (_Run.evaluate_segmentation / evaluate_grading)
     ds = pipeline.segmentation_dataset(
         root,
         "test",

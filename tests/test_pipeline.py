@@ -321,3 +321,17 @@ def test_file_cache_and_clear_errors(data, tmp_path):
         pipeline.segmentation_dataset(root, "train", lesions=("XX",))
     with pytest.raises(FileNotFoundError, match="no test-NNNNN.tfrecord shards"):
         pipeline.grading_dataset(root, "test")
+
+
+def test_mixed_streams_cache_to_their_own_files(data, tmp_path):
+    root, _, _ = data
+    options = dict(image_level_dir=root, image_level_split="val", pixel_fraction=0.5)
+    ds = pipeline.mixed_dataset(
+        root, "train", size=32, batch_size=4, cache=str(tmp_path / "mixed"), **options
+    )
+    # two streams writing one file fail (a concurrent caching iterator's lock file)
+    first = np.concatenate([t[pipeline.MASK_VALID].numpy() for _, t in ds])
+    again = np.concatenate([t[pipeline.MASK_VALID].numpy() for _, t in ds])  # from the files
+    assert len(first) and len(again)
+    names = sorted({p.name.split(".")[0] for p in tmp_path.glob("mixed_*")})
+    assert names == ["mixed_image", "mixed_other", "mixed_pixel"]

@@ -30,6 +30,7 @@ from drkeras.config import Config, DataConfig, OptimizerConfig, TrainConfig
 from drkeras.experiment import Experiment, main
 from drkeras.models.pldmlt import make_training_pair
 from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
 from drkeras.training.checkpoint import optimizers_of
 from drkeras.training.optim import build_optimizer
 
@@ -184,24 +185,71 @@ class Tiny(Experiment):
         )
     }
 
-    def run(self, ctx):
+    def prepare(self, ctx):
+        return _TinyRun(ctx)
+
+
+class _TinyRun:
+    """Two declared stages: ``pretrain`` (Keras fit) and ``joint`` (a two-optimizer trainer
+    starting from the pretrained weights)."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
         cfg, method = ctx.config, ctx.config.method
-        x, y = make_data(cfg.seed, method.samples)
+        self.x, self.y = make_data(cfg.seed, method.samples)
+        self.table = ResultsTable("tiny", "Tiny", ["loss"], paper={"joint": {"loss": 0.0}})
+
+    def _dataset(self, cache):
+        # One pipeline per stage: reshuffling draws from state shared by every use of a
+        # dataset object (see RunContext.fit).
+        cfg, method = self.ctx.config, self.ctx.config.method
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA
         )
+        return (
+            tf.data.Dataset.from_tensor_slices((self.x, self.y))
+            .shuffle(method.samples, seed=cfg.seed, reshuffle_each_iteration=True)
+            .batch(cfg.data.batch_size, drop_remainder=True)
+            .with_options(options)
+        )
 
-        def dataset():
-            # One pipeline per stage: reshuffling draws from state shared by every use of a
-            # dataset object (see RunContext.fit).
-            return (
-                tf.data.Dataset.from_tensor_slices((x, y))
-                .shuffle(method.samples, seed=cfg.seed, reshuffle_each_iteration=True)
-                .batch(cfg.data.batch_size, drop_remainder=True)
-                .with_options(options)
-            )
+    def stages(self):
+        cfg, method = self.ctx.config, self.ctx.config.method
+        batch = cfg.data.batch_size
+        steps = method.samples // batch
 
+        def data(key):
+            return Data(key, self._dataset, examples=method.samples, size=1, batch=batch,
+                        cached=False, train=True)  # fmt: skip
+
+        return [
+            Stage(
+                "pretrain",
+                run=self.pretrain,
+                nets=[Net("mlp", lambda: build_mlp(method.dropout, "mlp"))],
+                data=[data("pretrain")],
+                steps=steps,
+                epochs=method.pretrain_epochs,
+                batch=batch,
+            ),
+            Stage(
+                "joint",
+                run=self.joint,
+                nets=[
+                    Net("mlp", lambda: build_mlp(method.dropout, "mlp")),
+                    Net("regressor", lambda: build_mlp(0.0, "regressor"), optimizer="sgd"),
+                ],
+                data=[data("joint")],
+                steps=steps,
+                epochs=cfg.train.epochs,
+                batch=batch,
+                consumes=["pretrain"],
+            ),
+        ]
+
+    def pretrain(self, inputs):
+        ctx, cfg, method = self.ctx, self.ctx.config, self.ctx.config.method
         with ctx.strategy.scope():
             mlp = build_mlp(method.dropout, "mlp")
             mlp.compile(
@@ -211,12 +259,15 @@ class Tiny(Experiment):
             )
         ctx.fit(
             mlp,
-            dataset(),
-            stage="pretrain",
+            ctx.data("pretrain"),
             epochs=method.pretrain_epochs,
             checkpoint_steps=method.checkpoint_steps,
         )
+        return mlp
 
+    def joint(self, inputs):
+        ctx, cfg, method = self.ctx, self.ctx.config, self.ctx.config.method
+        mlp = inputs["pretrain"]
         nan_at = method.nan_at_step
 
         def poison(index, batch):
@@ -224,7 +275,8 @@ class Tiny(Experiment):
             bx = tf.where(index == nan_at, bx * np.inf, bx)
             return bx, by
 
-        joint_data = dataset().repeat().enumerate().map(poison).with_options(options)
+        data = ctx.data("joint")
+        joint_data = data.repeat().enumerate().map(poison).with_options(data.options())
         with ctx.strategy.scope():
             classifier = build_mlp(method.dropout, "classifier")
             classifier.set_weights(mlp.get_weights())
@@ -238,16 +290,16 @@ class Tiny(Experiment):
         history = ctx.fit(
             trainer,
             joint_data,
-            stage="joint",
             steps_per_epoch=method.samples // cfg.data.batch_size,
             callbacks=[hang] if method.hang_at_step >= 0 else [],
             checkpoint_steps=method.checkpoint_steps,
         )
         weights = weights_of(mlp, trainer, optimizers_from=(trainer,))
         np.savez(ctx.out_dir / "weights.npz", **weights)
-        table = ResultsTable("tiny", "Tiny", ["loss"], paper={"joint": {"loss": 0.0}})
-        table.add("joint", "loss", float(history.history["loss"][-1]))
-        return [table]
+        self.table.add("joint", "loss", float(history.history["loss"][-1]))
+
+    def report(self):
+        return [self.table]
 
 
 if __name__ == "__main__":

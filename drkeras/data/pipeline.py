@@ -776,22 +776,24 @@ def mixed_dataset(
             input_context=input_context,
         )
 
-    def prepared(ds, transform):
+    def prepared(ds, transform, stream):
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE).map(transform, num_parallel_calls=AUTOTUNE)
-        return ds.cache(cache if isinstance(cache, str) else "") if cache else ds
+        # one file per stream: a cache file holds one pipeline's elements
+        return ds.cache(f"{cache}_{stream}" if isinstance(cache, str) else "") if cache else ds
 
     two_streams = pixel_fraction is not None or image_level_dir is not None
     if not two_streams:
-        ds = prepared(read(records_dir, split, None), with_mask_table)
+        ds = prepared(read(records_dir, split, None), with_mask_table, "all")
     else:
-        pixel = prepared(read(records_dir, split, has_pixels), lambda ex: ex)
+        pixel = prepared(read(records_dir, split, has_pixels), lambda ex: ex, "pixel")
         image = prepared(
             read(records_dir, split, lambda light: tf.logical_not(has_pixels(light))),
             as_image_level,
+            "image",
         )
         if image_level_dir is not None:
             other = prepared(
-                read(image_level_dir, image_level_split or split, None), as_image_level
+                read(image_level_dir, image_level_split or split, None), as_image_level, "other"
             )
             image = image.concatenate(other)
         weights = _stream_weights(
@@ -1137,7 +1139,8 @@ def evaluation_dataset(
         split: see :func:`split_names`; a missing split raises ``FileNotFoundError`` naming the
             folder and the splits it holds.
         **kwargs: the builder's arguments; ``repeat=True`` and ``shuffle=True`` are refused (the
-            first split would never end, or the splits would not be read once each in order).
+            first split would never end, or the splits would not be read once each in order). A
+            file ``cache`` becomes one file per split (``<cache>_<split>``).
 
     Example::
 
@@ -1150,7 +1153,15 @@ def evaluation_dataset(
                 f"evaluation_dataset reads each split once, in order: {name}=True is not allowed"
             )
     kwargs["shuffle"] = False
-    parts = [builder(records_dir, name, **kwargs) for name in split_names(split)]
+    names = split_names(split)
+    cache = kwargs.pop("cache", None)
+
+    def cache_of(name):  # one file per split: one cache file holds one pipeline's elements
+        if isinstance(cache, str) and len(names) > 1:
+            return {"cache": f"{cache}_{name}"}
+        return {} if cache is None else {"cache": cache}
+
+    parts = [builder(records_dir, name, **kwargs, **cache_of(name)) for name in names]
     ds = parts[0]
     for part in parts[1:]:
         ds = ds.concatenate(part)

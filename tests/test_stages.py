@@ -1,0 +1,358 @@
+"""Declared stages and the runner's plan, caches, data lifetime and dry run (drkeras/stages.py,
+drkeras/experiment.py): hand-computable plans, the cache policy, refusal before training,
+release after a stage, and dry-run records, on toy stages and a toy experiment."""
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from drkeras import stages as staging
+from drkeras.config import Config, TrainConfig
+from drkeras.experiment import Experiment, RunContext, main
+from drkeras.results import ResultsTable
+from drkeras.stages import Data, Net, Stage
+
+MB = 2**20
+
+
+def _data(key, examples=10, size=8, masks=0, **kwargs):
+    return Data(key, build=lambda cache: None, examples=examples, size=size, masks=masks, **kwargs)
+
+
+# ------------------------------------------------------------------------------ networks
+
+
+def _toy_net():
+    x = tf.keras.Input((4, 4, 1))
+    y = tf.keras.layers.Conv2D(2, 3, padding="same", use_bias=False)(x)  # 2*32*9*1 = 576
+    y = tf.keras.layers.Flatten()(y)  # 32 elements
+    y = tf.keras.layers.Dense(3, use_bias=False)(y)  # 2*3*32 = 192
+    return tf.keras.Model(x, y)
+
+
+def test_net_figures_by_hand():
+    fig = staging.net_figures(_toy_net())
+    assert fig.params == 2 * 9 + 32 * 3
+    assert fig.trainable == fig.params
+    assert fig.activation_elements == 32 + 32 + 3
+    assert fig.forward_flops == 576 + 192
+
+
+def test_net_figures_flops_match_the_profiler():
+    """Convolutions of every kind against TensorFlow's profiler (benchmarks.flops)."""
+    from benchmarks.flops import count_flops
+
+    x = tf.keras.Input((9, 9, 3))
+    y = tf.keras.layers.Conv2D(4, 3, strides=2, padding="same", use_bias=False)(x)
+    y = tf.keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(y)
+    y = tf.keras.layers.Conv2DTranspose(2, 3, strides=2, padding="same", use_bias=False)(y)
+    y = tf.keras.layers.SeparableConv2D(5, 3, padding="valid", use_bias=False)(y)
+    model = tf.keras.Model(x, y)
+    profiled = count_flops(lambda t: model(t), tf.TensorSpec([1, 9, 9, 3]))
+    assert staging.net_figures(model).forward_flops == pytest.approx(profiled, rel=0.02)
+
+
+# ------------------------------------------------------------------------------ caching
+
+
+def _three_stages():
+    big = _data("big", examples=100, size=64)  # 100 * 64*64*3 = 1.17 MB
+    other = _data("other", examples=100, size=64)
+    later = _data("later", examples=100, size=64)
+    return [
+        Stage("a", run=lambda i: None, data=[big, other]),
+        Stage("b", run=lambda i: None, data=[later]),
+    ]
+
+
+def test_cache_policies(tmp_path):
+    stages = _three_stages()
+    one = 100 * 64 * 64 * 3
+    auto = staging.cache_plan(stages, "auto", int(1.5 * one), tmp_path)
+    # "big" fits, "other" lives at the same time and does not: a file; "later" starts after
+    # both ended: memory again
+    assert auto["big"] is True
+    assert auto["other"] == str(tmp_path / "other")
+    assert auto["later"] is True
+    assert set(staging.cache_plan(stages, "memory", 0, tmp_path).values()) == {True}
+    assert set(staging.cache_plan(stages, "none", 10 * one, tmp_path).values()) == {False}
+    disk = staging.cache_plan(stages, "disk", 10 * one, tmp_path)
+    assert disk["later"] == str(tmp_path / "later")
+    no_disk = staging.cache_plan(stages, "auto", int(1.5 * one), tmp_path, free_disk_bytes=one)
+    assert no_disk["other"] is False
+    with pytest.raises(ValueError, match="data.cache"):
+        staging.cache_plan(stages, "ram", 0, tmp_path)
+
+
+def test_undeclared_order_and_sizes_are_refused():
+    with pytest.raises(ValueError, match="consumes"):
+        staging.check_stages([Stage("a", run=len, consumes=["b"]), Stage("b", run=len)])
+    with pytest.raises(ValueError, match="twice"):
+        staging.check_stages([Stage("a", run=len), Stage("a", run=len)])
+    with pytest.raises(ValueError, match="different sizes"):
+        staging.check_stages(
+            [Stage("a", run=len, data=[_data("x", 3)]), Stage("b", run=len, data=[_data("x", 4)])]
+        )
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def _machine(**kwargs):
+    values = dict(host_bytes=64 * staging.GB, accelerator_bytes=40 * staging.GB)
+    values.update(kwargs)
+    return staging.Machine(**values)
+
+
+def test_plan_by_hand(tmp_path):
+    net = staging.NetFigures(
+        params=1000, trainable=800, activation_elements=5000, forward_flops=10**9
+    )
+    train = _data("train", examples=50, size=32, masks=2, shuffle_buffer=20, batch=8, train=True)
+    stages = [
+        Stage("fit", run=len, nets=[Net("n", build=None)], data=[train], steps=7, epochs=3, batch=8)
+    ]
+    plan = staging.plan_run(stages, {"n": net}, {"train": True}, _machine(replicas=2))
+    row = plan["stages"][0]
+    example = 32 * 32 * 5
+    assert row["per_replica_batch"] == 4
+    assert row["host_ram_parts_gb"]["memory_caches"] == round(50 * example / staging.GB, 3)
+    buffers = 20 * example + 4 * example * 8 * staging.PREFETCH_BATCHES
+    assert row["host_ram_parts_gb"]["buffers"] == round(buffers / staging.GB, 3)
+    device = 4 * 1000 + 4 * 800 + 2 * 4 * 800 + 4 * 5000 * 4  # weights, grads, Adam, acts
+    assert row["accelerator_gb_per_replica"] == round(device / staging.GB, 3)
+    assert row["activation_mb_per_example"] == round(4 * 5000 / MB, 1)
+    assert row["flops_per_step"] == 3 * 10**9 * 8
+    peak = staging.ACCELERATORS["a100-40gb"]["float32"] * 1e12 * staging.UTILISATION
+    assert row["seconds_per_epoch"] == round(3 * 10**9 * 4 / peak * 7, 1)
+
+
+def test_plan_refuses_caches_over_budget_and_names_stage_and_setting(tmp_path):
+    stages = _three_stages()
+    machine = _machine(cache_budget_bytes=10**6)
+    memory = staging.cache_plan(stages, "memory", machine.cache_budget_bytes, tmp_path)
+    plan = staging.plan_run(stages, {}, memory, machine)
+    with pytest.raises(staging.PlanExceeded, match=r"stage a: .*data\.cache=auto"):
+        staging.check_plan(plan, machine)
+    auto = staging.cache_plan(stages, "auto", machine.cache_budget_bytes, tmp_path)
+    staging.check_plan(staging.plan_run(stages, {}, auto, machine), machine)
+
+
+def test_plan_refuses_a_stage_over_one_accelerator():
+    net = staging.NetFigures(params=10, trainable=10, activation_elements=10**9, forward_flops=1)
+    stages = [Stage("huge", run=len, nets=[Net("n", build=None)], steps=1, batch=16)]
+    machine = _machine(accelerator_bytes=16 * staging.GB)
+    plan = staging.plan_run(stages, {"n": net}, {}, machine)
+    with pytest.raises(
+        staging.PlanExceeded, match="stage huge: .* per replica at per-replica batch 16"
+    ):
+        staging.check_plan(plan, machine)
+
+
+# ------------------------------------------------------------------------------ execution
+
+
+def _context(tmp_path, **train):
+    config = Config(method=_Method(), train=TrainConfig(verbose=0, **train))
+    return RunContext(config, tmp_path, tf.distribute.get_strategy())
+
+
+def test_datasets_and_outputs_live_until_their_last_stage(tmp_path):
+    ctx = _context(tmp_path)
+    built, seen = [], {}
+
+    def data(key):
+        def build(cache):
+            built.append((key, cache))
+            return tf.data.Dataset.range(4).cache(cache if isinstance(cache, str) else "")
+
+        return Data(key, build=build, examples=4, size=1)
+
+    def first(inputs):
+        list(ctx.data("shared"))
+        list(ctx.data("own"))
+        return "weights-a"
+
+    def second(inputs):
+        seen["inputs"] = dict(inputs)
+        seen["live"] = sorted(ctx._live)
+        list(ctx.data("shared"))
+        with pytest.raises(KeyError, match="not declared by stage 'b'"):
+            ctx.data("own")
+        return "b-out"
+
+    ctx.cache = {"shared": True, "own": str(tmp_path / "own")}
+    stages = [
+        Stage("a", run=first, data=[data("shared"), data("own")]),
+        Stage("b", run=second, data=[data("shared")], consumes=["a"]),
+        Stage("c", run=lambda inputs: seen.setdefault("c", sorted(ctx._live))),
+    ]
+    left = ctx.execute(stages)
+    assert built == [("shared", True), ("own", str(tmp_path / "own"))]  # "shared" built once
+    assert seen["inputs"] == {"a": "weights-a"}
+    assert seen["live"] == ["shared"]  # "own" released after stage a
+    assert seen["c"] == []
+    assert not list(tmp_path.glob("own*"))  # its file cache deleted
+    assert list(left) == ["c"]  # outputs nobody consumes are dropped, except the last
+
+
+def test_host_memory_of_a_stage_is_released_for_the_next(tmp_path):
+    """Two stages each caching 200 MB in memory: the second needs no more resident memory
+    than the first, because the first stage's cache was released (without the release the
+    process would hold both). TensorFlow's oneDNN allocator keeps freed blocks for reuse
+    instead of returning them to the system, so the resident size after a stage is not the
+    measure; what the next stage adds is."""
+    ctx = _context(tmp_path)
+    meter = staging.MemoryMeter()
+    resident = {}
+
+    def images(cache, offset):
+        image = lambda i: tf.fill([1024, 1024, 4], tf.cast(i + offset, tf.uint8))  # noqa: E731
+        return tf.data.Dataset.range(50).map(image).cache("")
+
+    def run(name):
+        def passes(inputs):
+            for _ in range(2):  # the second pass reads the cache
+                for _ in ctx.data(name):
+                    pass
+            resident[name] = meter.current()
+
+        return passes
+
+    ctx.cache = {"first": True, "second": True}
+    before = meter.current()
+    ctx.execute(
+        [
+            Stage("a", run=run("first"), data=[Data("first", lambda c: images(c, 0), 50, 1024, 1)]),
+            Stage(
+                "b", run=run("second"), data=[Data("second", lambda c: images(c, 1), 50, 1024, 1)]
+            ),
+        ]
+    )
+    assert resident["first"] - before > 150 * MB  # the cache was resident
+    assert resident["second"] - resident["first"] < 60 * MB, {
+        k: v / MB for k, v in resident.items()
+    }
+
+
+def test_dry_run_fit_steps_at_batches_one_and_two_and_finds_nondeterministic_ops(tmp_path):
+    ctx = _context(tmp_path)
+    ctx.dry_run = 2
+    x = tf.keras.Input((4, 4, 1))
+    y = tf.keras.layers.UpSampling2D()(tf.keras.layers.Conv2D(1, 1)(x))  # its gradient is needed
+    model = tf.keras.Model(x, y)
+    model.compile(optimizer="sgd", loss="mse")
+
+    def train(cache):
+        images = np.ones((6, 4, 4, 1), np.float32)
+        return tf.data.Dataset.from_tensor_slices(
+            (images, np.ones((6, 8, 8, 1), np.float32))
+        ).batch(4)
+
+    def run(inputs):
+        ctx.fit(model, ctx.data("train"), epochs=5, steps_per_epoch=3)
+        return None
+
+    spec = Data("train", build=train, examples=6, size=4, batch=4, train=True)
+    ctx.execute([Stage("toy", run=run, data=[spec], steps=3, epochs=5, batch=4)])
+    (entry,) = ctx.dry_stages
+    assert entry["stage"] == "toy" and entry["trained"]
+    (fit,) = entry["fits"]
+    assert set(fit["batches"]) == {"1", "2"}
+    assert [len(fit["batches"][b]["step_seconds"]) for b in ("1", "2")] == [2, 2]
+    assert int(model.optimizer.iterations) == 4  # 2 steps at each batch size, not 5 x 3
+    assert any("ResizeNearestNeighborGrad" in op for op in fit["gpu_nondeterministic_ops"])
+
+
+# ------------------------------------------------------------------------------ a toy experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class _Method:
+    pass
+
+
+class _Toy(Experiment):
+    name = "toy"
+    presets = {"smoke": Config(method=_Method(), train=TrainConfig(verbose=0))}
+
+    def prepare(self, ctx):
+        return _ToyRun(ctx)
+
+
+class _ToyRun:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.table = ResultsTable("toy", "Toy", ["loss"])
+
+    def _model(self):
+        x = tf.keras.Input((8, 8, 3))
+        y = tf.keras.layers.Dense(1)(tf.keras.layers.GlobalAveragePooling2D()(x))
+        return tf.keras.Model(x, y)
+
+    def _data(self, cache):
+        images = np.random.default_rng(0).random((40, 8, 8, 3)).astype(np.float32)
+        ds = tf.data.Dataset.from_tensor_slices((images, images.mean(axis=(1, 2, 3))))
+        return ds.cache(cache if isinstance(cache, str) else "").batch(4) if cache else ds.batch(4)
+
+    def stages(self):
+        def train(inputs):
+            with self.ctx.strategy.scope():
+                model = self._model()
+                model.compile(optimizer="adam", loss="mse")
+            history = self.ctx.fit(model, self.ctx.data("train"), epochs=1)
+            self.table.add("toy", "loss", history.history["loss"][-1])
+
+        data = Data("train", build=self._data, examples=40, size=8, batch=4, train=True)
+        return [
+            Stage("fit", run=train, nets=[Net("toy", self._model)], data=[data], steps=10, batch=4)
+        ]
+
+    def report(self):
+        return [self.table]
+
+
+def test_main_writes_the_plan_and_refuses_caches_over_a_small_budget(tmp_path, capsys):
+    budget = ["--set", "data.host_memory_gb=0.000001"]
+    code = main(_Toy(), ["--out", str(tmp_path / "refused"), "--set", "data.cache=memory"] + budget)
+    assert code == 2
+    assert "stage fit" in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "history.csv").exists()  # stopped before training
+    assert main(_Toy(), ["--out", str(tmp_path / "auto")] + budget) == 0
+    plan = json.loads((tmp_path / "auto" / "plan.json").read_text())
+    assert plan["cache"] == {"train": "file"}
+    assert [row["stage"] for row in plan["stages"]] == ["fit"]
+    assert plan["stages"][0]["parameters"] == 4
+    assert (tmp_path / "auto" / "results.csv").is_file()
+
+
+def test_main_dry_run_writes_dry_run_json(tmp_path):
+    out = tmp_path / "dry"
+    assert main(_Toy(), ["--out", str(out), "--dry-run"]) == 0
+    dry = json.loads((out / "dry_run.json").read_text())
+    assert dry["steps_per_batch_size"] == 2
+    (stage,) = dry["stages"]
+    assert stage["stage"] == "fit" and stage["planned"]["parameters"] == 4
+    assert stage["fits"][0]["extrapolated_to_batch"]["per_replica_batch"] == 4
+    assert dry["declared_stages_not_reached"] == []
+
+
+# ------------------------------------------------------------------------------ published sizes
+
+
+def test_published_records_hold_the_official_counts(tmp_path):
+    from drkeras.data.pipeline import read_labels
+    from drkeras.plan import write_published_records
+
+    root = write_published_records(tmp_path, ["idrid", "messidor"])
+    train = read_labels(root / "idrid", "train")
+    assert len(train["id"]) == 54 + 413
+    assert train["mask_present"].sum(axis=0).tolist() == [54, 53, 54, 26, 54]
+    assert np.bincount(train["grade"][train["grade"] >= 0]).tolist() == [134, 20, 136, 74, 49]
+    assert len(read_labels(root / "messidor", "test")["id"]) == 1200
+    manifest = json.loads((pathlib.Path(root) / "idrid" / "manifest.json").read_text())
+    assert manifest["counts"] == {"train": 467, "test": 130}
