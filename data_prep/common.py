@@ -92,15 +92,24 @@ class LayoutWarning(UserWarning):
 class SkippedFile(Exception):
     """One input file that cannot be converted; carries the file and a readable reason."""
 
-    def __init__(self, file, reason: str, kind: str = ERROR):
+    def __init__(self, file, reason: str, kind: str = ERROR, image: Optional[str] = None):
         super().__init__(f"{file}: {reason}")
         self.file = str(file)
         self.reason = reason
         self.kind = kind
+        # The photograph not converted because of ``file`` (a mask), when that is another file.
+        self.image = image
 
     def __reduce__(self):
         # Workers return these through a pipe; the default pickling would pass only the message.
-        return (SkippedFile, (self.file, self.reason, self.kind))
+        return (SkippedFile, (self.file, self.reason, self.kind, self.image))
+
+    def entry(self) -> dict:
+        """The manifest's ``skipped`` entry: file, reason, kind (and ``image`` for a mask)."""
+        entry = {"file": self.file, "reason": self.reason, "kind": self.kind}
+        if self.image is not None:
+            entry["image"] = self.image
+        return entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,7 +533,13 @@ def _convert_task(task: Task, dataset: str, max_side: Optional[int], lossless: b
             present.append(annotated)
             path = task.masks.get(lesion)
             if annotated and path is not None:
-                masks[..., i] = read_mask(path, size, max_side, task.soft_mask)
+                try:
+                    masks[..., i] = read_mask(path, size, max_side, task.soft_mask)
+                except SkippedFile as bad:
+                    # The mask is what is wrong, but its photograph is what is not converted:
+                    # the entry names both, so no photograph disappears without a word.
+                    bad.image = str(task.image)
+                    raise
         serialized = records.encode_example(
             id=task.id,
             dataset=dataset,
@@ -638,7 +653,8 @@ def convert_dataset(
     Returns:
         The manifest: ``dataset``, ``source``, ``options``, ``counts`` / ``grades`` / ``dme`` /
         ``lesion_coverage`` / ``flagged_counts`` / ``shards`` per split, ``total``, ``skipped``
-        (file, reason, kind), ``skipped_by_kind``, ``flagged``, ``warnings``.
+        (file, reason, kind; ``image``: the photograph a bad mask kept out),
+        ``skipped_by_kind``, ``flagged``, ``warnings``.
 
     Raises:
         LayoutError: ``src`` does not have the dataset's layout, or nothing could be converted.
@@ -697,7 +713,7 @@ def convert_dataset(
         for result in results:
             progress.update(1)
             if isinstance(result, SkippedFile):
-                skipped.append({"file": result.file, "reason": result.reason, "kind": result.kind})
+                skipped.append(result.entry())
                 continue
             task = result.task
             if task.id in seen_ids:

@@ -26,6 +26,18 @@ Every metric that applies is computed (``drkeras.metrics``):
 
 Outputs in ``--out``: ``metrics.csv`` (``task,metric,target,value``), ``metrics.md``, and plots:
 ``roc_pr_<output>.png``, ``confusion_matrix.png``, ``overlay_<k>_<id>.png`` (a few images).
+
+Damaged records are never skipped silently and never half-reported. The records folder must
+hold the ``manifest.json`` its converter wrote (``python -m data_prep``): a TFRecord shard has no
+footer, so one cut short exactly at a record boundary reads as a complete shorter shard, and only
+the manifest's record count of the split tells. The shards are read one after the other, and a
+record that cannot be read (a truncated or corrupted shard, an image or mask that does not
+decode, a mask of the wrong size, a label outside the schema's range), an id that occurs twice,
+or a split whose record count differs from ``manifest.json`` stops the evaluation with a message
+naming the shard file (or the manifest), the record's position and id, and what was expected
+(exit code 2; a missing manifest is refused the same way, before anything is read). The outputs
+are written to a temporary folder and moved into ``--out`` only when everything succeeded, so a
+failed run leaves no partial output.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from drkeras import keys, metrics, plots
 from drkeras.data import preprocess as prep
 from drkeras.data import records
 from drkeras.export import load_exported, masks_for_model, model_frame, serving_input
+from drkeras.predict import StagedOutput
 
 __all__ = ["evaluate", "main", "segmentation_channels"]
 
@@ -82,6 +95,61 @@ def _scale_of(dataset: str) -> str:
     return "messidor" if dataset == "messidor" else "icdrs"
 
 
+def _record_id(shard: str, index: int) -> str:
+    """The id of record ``index`` of ``shard``, or ``"?"`` when even that cannot be read."""
+    try:
+        raw = next(iter(tf.data.TFRecordDataset(shard).skip(index).take(1)))
+        return records.parse_labels(raw)[keys.ID].numpy().decode("utf-8", "replace")
+    except (tf.errors.OpError, StopIteration, ValueError):  # UnicodeDecodeError is a ValueError
+        return "?"
+
+
+def _error_text(err: Exception) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        # TensorFlow quotes the record's raw bytes in some messages and then cannot decode them.
+        return "corrupted bytes (TensorFlow's own error message was not UTF-8 text)"
+    text = (getattr(err, "message", None) or str(err)).strip()
+    # TensorFlow prefixes "{{function_node ...}}" and appends "[[{{node ...}}]]" lines.
+    lines = [line for line in text.splitlines() if line.strip() and "{{node" not in line]
+    first = lines[0] if lines else type(err).__name__
+    return first.split("}} ", 1)[-1] if first.startswith("{{function_node") else first
+
+
+def _read_examples(records_dir, split: str, max_examples: int = 0):
+    """Parsed examples of one split, shard after shard (records decoded in parallel within a
+    shard, in order), each checked: an unreadable record or a repeated id raises ``ValueError``
+    naming the shard, the record's position and id, and what was expected."""
+    seen: Dict[str, str] = {}
+    n = 0
+    for shard in records.list_shards(records_dir, split):
+        ds = tf.data.TFRecordDataset(shard).map(
+            records.parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
+        iterator = ds.as_numpy_iterator()
+        index = 0
+        while not max_examples or n < max_examples:
+            try:
+                example = next(iterator)
+            except StopIteration:
+                break
+            except (tf.errors.OpError, UnicodeDecodeError) as err:
+                raise ValueError(
+                    f"{shard}: record {index} (id {_record_id(shard, index)}) cannot be read: "
+                    f"{_error_text(err)}; expected a complete record of the drkeras schema "
+                    f"(convert the dataset again with python -m data_prep)"
+                ) from None
+            example_id = example[keys.ID].decode("utf-8", "replace")
+            if example_id in seen:
+                raise ValueError(
+                    f"{shard}: record {index} repeats id {example_id!r} (first in "
+                    f"{seen[example_id]}); expected one record per id in split {split!r}"
+                )
+            seen[example_id] = shard
+            yield example
+            index += 1
+            n += 1
+
+
 def _batches(ds, batch_size: int):
     """Group consecutive examples whose images have the same shape (one serving call each)."""
     batch = []
@@ -96,13 +164,41 @@ def _batches(ds, batch_size: int):
         yield batch
 
 
-def _expected_count(records_dir, split) -> Optional[int]:
+def _expected_count(records_dir, split) -> int:
+    """The number of records of ``split`` that ``manifest.json`` counts.
+
+    A TFRecord shard has no footer: one cut short exactly at a record boundary reads as a
+    complete, shorter shard. Only the count the converter wrote tells that records are missing,
+    so evaluation needs it.
+
+    Raises:
+        FileNotFoundError: the folder, its shards of ``split`` or its ``manifest.json`` are
+            missing (the message names the file and the command that writes it).
+        ValueError: the manifest is not JSON or has no record count for ``split``.
+    """
+    records.list_shards(records_dir, split)  # names the folder or the missing split first
+    path = pathlib.Path(records_dir) / records.MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: evaluate reads converted records and checks every split's "
+            f"record count against their manifest (a shard cut short at a record boundary "
+            f"looks complete); expected the folder written by `python -m data_prep <dataset> "
+            f"--src RAW --out {records_dir}`"
+        )
     try:
-        counts = records.read_manifest(records_dir).get("counts", {})
-    except (FileNotFoundError, ValueError):
-        return None
-    value = counts.get(split)
-    return int(value) if isinstance(value, (int, float)) else None
+        manifest = records.read_manifest(records_dir)
+    except (ValueError, OSError) as err:
+        raise ValueError(
+            f"{path}: cannot be read as JSON ({err}); convert the dataset again"
+        ) from None
+    counts = manifest.get("counts") if isinstance(manifest, dict) else None
+    value = counts.get(split) if isinstance(counts, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"{path}: expected a record count of split {split!r} in 'counts' (a whole number), "
+            f"got {value!r}; convert the dataset again"
+        )
+    return value
 
 
 class _SegState:
@@ -160,7 +256,7 @@ def evaluate(
         result["metrics"].query("metric == 'kappa'")
     """
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    expected = _expected_count(records_dir, split)  # before loading anything: a quick refusal
     exported = load_exported(model_path)
     meta = exported.meta
     size = exported.image_size
@@ -172,19 +268,15 @@ def evaluate(
     outputs = set(exported.output_names)
     grade_probs, grades, image_scores, datasets = [], [], [], set()
 
-    ds = records.records_dataset(records_dir, split)
-    if max_examples:
-        ds = ds.take(int(max_examples))
-    total = _expected_count(records_dir, split)
-    if max_examples:
-        total = min(total, max_examples) if total else max_examples
+    examples = _read_examples(records_dir, split, int(max_examples or 0))
+    total = min(expected, max_examples) if max_examples else expected
     n = 0
     bar = tqdm(total=total, desc=f"evaluate {split}", unit="img", disable=not progress)
-    for batch in _batches(ds.as_numpy_iterator(), batch_size):
+    for batch in _batches(examples, batch_size):
         images = np.stack([ex[keys.IMAGE] for ex in batch])
         pred = exported.predict(images)
         for i, ex in enumerate(batch):
-            datasets.add(ex[keys.DATASET].decode())
+            datasets.add(ex[keys.DATASET].decode("utf-8", "replace"))
             if keys.GRADE_PROBS in outputs:
                 grade_probs.append(pred[keys.GRADE_PROBS][i])
                 grades.append(int(ex[keys.GRADE]))
@@ -211,12 +303,61 @@ def evaluate(
                     shown = serving_input(
                         image, size=size, resize_size=model_frame(meta)[0], fov_crop=fov_crop
                     ).numpy()  # "unit": the served window in [0, 1]
-                    state.overlays.append((ex[keys.ID].decode(), shown, probs, target, flags))
+                    example_id = ex[keys.ID].decode("utf-8", "replace")
+                    state.overlays.append((example_id, shown, probs, target, flags))
         n += len(batch)
         bar.update(len(batch))
     bar.close()
+    if n != total:
+        raise ValueError(
+            f"{records_dir}: split {split!r} holds {n} readable records but "
+            f"{pathlib.Path(records_dir) / records.MANIFEST} counts {expected}; expected the "
+            f"shards the converter wrote, complete (a shard was cut short or removed: convert "
+            f"the dataset again)"
+        )
     if n == 0:
-        raise ValueError(f"{records_dir}: split {split!r} holds no examples")
+        raise ValueError(
+            f"{records_dir}: split {split!r} holds no examples; expected at least one record"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    staged = StagedOutput(out, "evaluate")
+    try:
+        result = _report(
+            staged,
+            seg,
+            grade_probs,
+            grades,
+            image_scores,
+            datasets,
+            split,
+            threshold,
+            model_path,
+            records_dir,
+            n,
+        )
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
+    log.info("evaluated %d %s examples; metrics in %s", n, split, result["csv"])
+    return result
+
+
+def _report(
+    staged,
+    seg,
+    grade_probs,
+    grades,
+    image_scores,
+    datasets,
+    split,
+    threshold,
+    model_path,
+    records_dir,
+    n,
+) -> Dict[str, object]:
+    """Compute the metrics, write metrics.csv, metrics.md and the plots (into ``staged``)."""
+    out = staged.out
 
     rows: List[tuple] = []
     plot_paths: List[pathlib.Path] = []
@@ -233,11 +374,10 @@ def evaluate(
             rows += [("grading", m, "all", g[m]) for m in ("accuracy", "top2_accuracy", "kappa")]
             rows += [("grading", "auc", name, v) for name, v in g["auc"].items()]
             rows.append(("grading", "n", "all", g["n"]))
-            plot_paths.append(
-                plots.plot_confusion_matrix(
-                    g["confusion"], out / "confusion_matrix.png", title=f"{dataset} {split}"
-                )
+            plots.plot_confusion_matrix(
+                g["confusion"], staged.path("confusion_matrix.png"), title=f"{dataset} {split}"
             )
+            plot_paths.append(out / "confusion_matrix.png")
         s = metrics.screening_scores(probs, truth, scale=scale)
         rows += [("screening", m, scale, v) for m, v in s.items()]
     if image_scores and known.any():
@@ -261,33 +401,39 @@ def evaluate(
             rows.append((name, key, "mean", res[key]))
         rows.append((name, "images", "all", state.counter.num_images))
         if state.counter.num_images:
-            plot_paths.append(
-                plots.plot_roc_pr(state.curves, out / f"roc_pr_{name}.png", title=f"{name} {split}")
+            plots.plot_roc_pr(
+                state.curves, staged.path(f"roc_pr_{name}.png"), title=f"{name} {split}"
             )
+            plot_paths.append(out / f"roc_pr_{name}.png")
         for k, (ex_id, shown, probs, target, flags) in enumerate(state.overlays):
             safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", ex_id)
-            plot_paths.append(
-                plots.plot_mask_overlay(
-                    shown,
-                    probs,
-                    target,
-                    out / f"overlay_{name}_{k}_{safe}.png",
-                    names=state.curves.names,
-                    threshold=threshold,
-                    present=flags,
-                    title=ex_id,
-                )
+            file_name = f"overlay_{name}_{k}_{safe}.png"
+            plot_paths.append(out / file_name)
+            plots.plot_mask_overlay(
+                shown,
+                probs,
+                target,
+                staged.path(file_name),
+                names=state.curves.names,
+                threshold=threshold,
+                present=flags,
+                title=ex_id,
             )
 
     frame = pd.DataFrame.from_records(
         [(t, m, g, float(v)) for t, m, g, v in rows], columns=list(METRIC_COLUMNS)
     )
-    csv_path = out / "metrics.csv"
-    md_path = out / "metrics.md"
-    frame.to_csv(csv_path, index=False, lineterminator="\n")
-    md_path.write_text(_markdown(frame, model_path, records_dir, split, n), encoding="utf-8")
-    log.info("evaluated %d %s examples; metrics in %s", n, split, csv_path)
-    return {"metrics": frame, "csv": csv_path, "md": md_path, "plots": plot_paths, "n": n}
+    frame.to_csv(staged.path("metrics.csv"), index=False, lineterminator="\n")
+    staged.path("metrics.md").write_text(
+        _markdown(frame, model_path, records_dir, split, n), encoding="utf-8"
+    )
+    return {
+        "metrics": frame,
+        "csv": out / "metrics.csv",
+        "md": out / "metrics.md",
+        "plots": plot_paths,
+        "n": n,
+    }
 
 
 def _fmt(value: float) -> str:
@@ -324,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate an exported drkeras model on converted records.",
     )
     parser.add_argument("--model", required=True, help="SavedModel folder written by export")
-    parser.add_argument("--data", required=True, help="records folder written by data_prep")
+    parser.add_argument(
+        "--data", required=True, help="records folder written by data_prep (with its manifest.json)"
+    )
     parser.add_argument("--split", default="test", choices=keys.SPLITS)
     parser.add_argument("--out", required=True, help="output folder for metrics and plots")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -9,10 +9,17 @@ signatures that apply the SAME preprocessing as training (``drkeras.data.preproc
   mixed).
 
 Both return a dict of named float32 outputs (``grade_probs``, ``lesion_probs``, ... from
-``drkeras.keys``). Dense outputs (segmentation maps, attention maps) are returned at the
-MODEL's resolution (``image_size x image_size``, of the preprocessed, FOV-cropped image), not at
-the resolution of the input photograph: :func:`masks_for_model` brings record masks to that
-frame, :func:`uncrop_dense` puts a dense output back into the resized field of view.
+``drkeras.keys``) and two input-quality outputs (:data:`QUALITY_OUTPUTS`, computed by
+:mod:`drkeras.data.quality` on the photograph as received): ``fov_fraction`` (float32 ``[B]``,
+the share of the photograph in the detected field of view) and ``quality`` (string ``[B]``,
+``"ok"`` or the flags joined by ``";"``: ``too_small``, ``no_fov``, ``uniform``, ``no_colour``;
+``serve_bytes`` also ``truncated`` and ``bit_depth_converted``, which need the encoded file).
+``serve_bytes`` decodes a truncated JPEG as far as it goes (grey below) and flags it
+``truncated`` rather than failing the whole batch. Dense outputs (segmentation maps, attention
+maps) are returned at the MODEL's resolution (``image_size x image_size``, of the preprocessed,
+FOV-cropped image), not at the resolution of the input photograph: :func:`masks_for_model`
+brings record masks to that frame, :func:`uncrop_dense` puts a dense output back into the
+resized field of view.
 
 The input transform (:func:`serving_input`) is the EVALUATION transform of the training
 pipelines (:mod:`drkeras.data.pipeline`): field-of-view crop, resize of its box to
@@ -52,11 +59,13 @@ import numpy as np
 import tensorflow as tf
 
 from drkeras import keys
+from drkeras.data import quality
 
 __all__ = [
     "ExportMismatch",
     "ExportedModel",
     "META_FORMAT",
+    "QUALITY_OUTPUTS",
     "default_channels",
     "export_model",
     "load_exported",
@@ -74,6 +83,10 @@ log = logging.getLogger("drkeras")
 META_FORMAT = "drkeras-export/1"
 CHECK_FILE = pathlib.Path("assets.extra") / "export_check.json"
 TOLERANCE = 1e-4
+# Input-quality outputs every signature returns besides the model's (drkeras.data.quality).
+FOV_FRACTION = "fov_fraction"
+QUALITY = "quality"
+QUALITY_OUTPUTS = (FOV_FRACTION, QUALITY)
 
 # Channel specification: one (channel name, record lesion types) pair per output channel.
 # A channel made of several types is their union (MTUnet's "red" = MA + HE); no type = background.
@@ -287,25 +300,49 @@ class _ServingModule(tf.Module):
         kwargs = dict(preprocess)
         names = dict(mapping)
 
-        def run(x):
+        def run(x, fov, flags, flag_names):
             outputs = _model_outputs(model, x)
-            return {k: tf.cast(outputs[v], tf.float32) for k, v in names.items()}
+            out = {k: tf.cast(outputs[v], tf.float32) for k, v in names.items()}
+            out[FOV_FRACTION] = fov
+            out[QUALITY] = tf.map_fn(
+                lambda f: quality.join_flags(f, flag_names),
+                flags,
+                fn_output_signature=tf.TensorSpec([], tf.string),
+            )
+            return out
+
+        def pixel_quality(image):
+            measures = quality.pixel_measures(image)
+            return measures["fov_fraction"], quality.pixel_flags(measures)
 
         def serve(images):
-            return run(serving_batch(images, size=size, **kwargs))
+            fov, flags = tf.map_fn(
+                pixel_quality,
+                images,
+                fn_output_signature=(
+                    tf.TensorSpec([], tf.float32),
+                    tf.TensorSpec([len(quality.PIXEL_FLAGS)], tf.bool),
+                ),
+            )
+            return run(serving_batch(images, size=size, **kwargs), fov, flags, quality.PIXEL_FLAGS)
 
         def decode_one(encoded):
-            image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-            image = tf.ensure_shape(image, [None, None, 3])
-            return serving_input(image, size=size, **kwargs)
+            image = tf.ensure_shape(decode_photo(encoded), [None, None, 3])
+            fov, flags = pixel_quality(image)
+            flags = tf.concat([quality.encoded_flags(encoded), flags], axis=0)
+            return serving_input(image, size=size, **kwargs), fov, flags
 
         def serve_bytes(encoded):
-            x = tf.map_fn(
+            x, fov, flags = tf.map_fn(
                 decode_one,
                 encoded,
-                fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32),
+                fn_output_signature=(
+                    tf.TensorSpec([size, size, 3], tf.float32),
+                    tf.TensorSpec([], tf.float32),
+                    tf.TensorSpec([len(quality.FLAGS)], tf.bool),
+                ),
             )
-            return run(x)
+            return run(x, fov, flags, quality.FLAGS)
 
         self.serve = tf.function(
             serve,
@@ -314,6 +351,22 @@ class _ServingModule(tf.Module):
         self.serve_bytes = tf.function(
             serve_bytes, input_signature=[tf.TensorSpec([None], tf.string, name="encoded")]
         )
+
+
+def decode_photo(encoded) -> tf.Tensor:
+    """uint8 RGB ``[H, W, 3]`` of one encoded JPEG/PNG/GIF/BMP file, as ``serve_bytes`` decodes
+    it: a truncated JPEG is decoded as far as its data go (the rest grey, as OpenCV and most
+    viewers show it) instead of failing, so the caller gets its ``truncated`` flag; complete
+    files decode exactly as ``tf.io.decode_image``."""
+    encoded = tf.convert_to_tensor(encoded, tf.string)
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 3), b"\xff\xd8\xff")
+    return tf.cond(
+        is_jpeg,
+        lambda: tf.io.decode_jpeg(
+            encoded, channels=3, try_recover_truncated=True, acceptable_fraction=0.0
+        ),
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
 
 
 def _without_layer_traces():
@@ -408,6 +461,13 @@ def export_model(
     # The names a call returns (dict keys, else model.output_names) are what can be served.
     probe = _model_outputs(model, tf.zeros([1, int(image_size), int(image_size), 3]))
     mapping = _select_outputs(probe, output_names)
+    clash = sorted(set(mapping) & set(QUALITY_OUTPUTS))
+    if clash:
+        raise ValueError(
+            f"export_model: serving name(s) {clash} are reserved for the input-quality outputs "
+            f"{list(QUALITY_OUTPUTS)}; serve the model output under another name with a mapping "
+            "{serving_name: model_output_name}"
+        )
     outputs_meta = {}
     for serving, name in mapping.items():
         shape = [None] + [int(d) for d in probe[name].shape[1:]]
@@ -438,6 +498,17 @@ def export_model(
         "signatures": {
             "serving_default": "images: uint8 [B, H, W, 3] RGB",
             "serve_bytes": "encoded: string [B] JPEG/PNG",
+        },
+        "quality": {
+            "outputs": {
+                FOV_FRACTION: "float32 [B]: share of the photograph in the detected field of view",
+                QUALITY: "string [B]: 'ok' or the flags joined by ';'",
+            },
+            "flags": {
+                "serving_default": list(quality.PIXEL_FLAGS),
+                "serve_bytes": list(quality.FLAGS),
+            },
+            "thresholds": quality.thresholds(),
         },
         "dense_outputs_at": "model resolution (image_size x image_size after preprocessing)",
     }
@@ -508,7 +579,22 @@ def verify_export(model: tf.keras.Model, path, sample, *, tolerance: float = TOL
     x = serving_batch(tf.constant(sample), size=meta["image_size"], **meta["preprocess"])
     reference = _model_outputs(model, x)
     from_images = exported.predict(sample)
-    from_bytes = exported.predict_bytes([_encode_png(img) for img in sample])
+    encoded = [_encode_png(img) for img in sample]
+    from_bytes = exported.predict_bytes(encoded)
+    # The quality outputs: what drkeras.data.quality computes eagerly on the same photographs.
+    fov_diff, quality_mismatch = 0.0, []
+    for i, image in enumerate(sample):
+        expected = quality.assess(encoded[i], image)
+        pixel_only = [f for f in expected.flags if f in quality.PIXEL_FLAGS]
+        for served, text in (
+            (from_images, ";".join(pixel_only) or quality.OK),
+            (from_bytes, expected.text),
+        ):
+            fov_diff = max(
+                fov_diff, abs(float(served[FOV_FRACTION][i]) - expected.measures["fov_fraction"])
+            )
+            if served[QUALITY][i] != text:
+                quality_mismatch.append([i, str(served[QUALITY][i]), text])
     per_output = {}
     for serving, info in meta["outputs"].items():
         ref = np.asarray(reference[info["model_output"]], np.float32)
@@ -518,12 +604,14 @@ def verify_export(model: tf.keras.Model, path, sample, *, tolerance: float = TOL
         ]
     worst_images = max(v[0] for v in per_output.values())
     worst_bytes = max(v[1] for v in per_output.values())
+    quality_ok = fov_diff < tolerance and not quality_mismatch
     return {
-        "ok": bool(worst_images < tolerance and worst_bytes < tolerance),
+        "ok": bool(worst_images < tolerance and worst_bytes < tolerance and quality_ok),
         "tolerance": tolerance,
         "max_abs_diff": worst_images,
         "max_abs_diff_bytes": worst_bytes,
         "per_output": per_output,
+        "quality": {"fov_fraction_max_abs_diff": fov_diff, "mismatches": quality_mismatch},
         "sample_shape": list(sample.shape),
     }
 
@@ -536,6 +624,17 @@ def _check_images(images, what: str) -> np.ndarray:
             f"{images.dtype} and shape {list(images.shape)}"
         )
     return images
+
+
+def _numpy_outputs(out: Mapping[str, tf.Tensor]) -> Dict[str, np.ndarray]:
+    """Signature outputs as numpy arrays; string outputs (``quality``) as ``str`` arrays."""
+    result = {}
+    for name, value in out.items():
+        array = value.numpy()
+        if value.dtype == tf.string:
+            array = np.array([v.decode("utf-8") for v in array.ravel()]).reshape(array.shape)
+        result[name] = array
+    return result
 
 
 class ExportedModel:
@@ -576,14 +675,20 @@ class ExportedModel:
         return list(self.meta["output_names"])
 
     @property
+    def quality_outputs(self) -> list:
+        """The input-quality outputs of the signatures (empty for exports made before them)."""
+        return list(self.meta.get("quality", {}).get("outputs", {}))
+
+    @property
     def image_size(self) -> int:
         return int(self.meta["image_size"])
 
     def predict(self, images) -> Dict[str, np.ndarray]:
-        """Run ``serving_default`` on uint8 RGB images ``[B, H, W, 3]``; numpy outputs."""
+        """Run ``serving_default`` on uint8 RGB images ``[B, H, W, 3]``; numpy outputs (the
+        ``quality`` strings as ``str``)."""
         images = _check_images(images, f"{self.path}: predict")
         out = self.signatures["serving_default"](images=tf.constant(images))
-        return {k: v.numpy() for k, v in out.items()}
+        return _numpy_outputs(out)
 
     def predict_bytes(self, encoded: Sequence[bytes]) -> Dict[str, np.ndarray]:
         """Run ``serve_bytes`` on encoded JPEG/PNG images (a list of ``bytes``)."""
@@ -591,7 +696,7 @@ class ExportedModel:
         if not encoded or not all(isinstance(e, (bytes, bytearray)) for e in encoded):
             raise ValueError(f"{self.path}: predict_bytes expects a non-empty list of bytes")
         out = self.signatures["serve_bytes"](encoded=tf.constant(encoded, tf.string))
-        return {k: v.numpy() for k, v in out.items()}
+        return _numpy_outputs(out)
 
     __call__ = predict
 

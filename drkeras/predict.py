@@ -10,7 +10,10 @@ Usage::
 signature applies the training preprocessing (FOV crop, resize, normalisation) itself. Writes to
 ``--out``:
 
-- ``predictions.csv``: one row per image: ``image``, ``width``, ``height``; with a
+- ``predictions.csv``: one row per image: ``image``, ``width``, ``height``, ``quality``
+  (``ok`` or the input-quality flags of :mod:`drkeras.data.quality` joined by ``;``:
+  ``truncated``, ``bit_depth_converted``, ``too_small``, ``no_fov``, ``uniform``, ``no_colour``),
+  ``fov_fraction`` (the share of the photograph in the detected field of view); with a
   ``grade_probs`` output the predicted ``grade``, its ``grade_name`` (ICDRS names for 5 grades)
   and the probabilities ``p_grade_0 ... p_grade_{G-1}``; with ``patch_logits`` the image score
   ``sum_j sigmoid(l_j)`` of Lecouat et al. 2018; every other vector output as ``<name>_<i>``
@@ -22,12 +25,17 @@ signature applies the training preprocessing (FOV crop, resize, normalisation) i
   ``patch_logits`` gives ``patch_scores.png`` (``sigmoid`` of each patch, nearest-neighbour);
 - ``overlays/<image>.png``: the photograph with every lesion channel at or above
   ``--threshold`` painted in its colour (:data:`LESION_COLORS`), under a caption with the grade
-  and the colour legend;
-- ``skipped.csv``: files that could not be read as images, with the reason (they are skipped,
-  never fatal).
+  and the colour legend; a flagged photograph gets a third caption line in
+  :data:`WARNING_COLOR` naming its flags;
+- ``skipped.csv`` (``image``, ``reason``, ``flags``): files that could not be read as images
+  (flag ``unreadable``) or on which the model failed (``model_error``), and with ``--strict``
+  the photographs with any quality flag, which are then not graded at all (skipped, never
+  fatal).
 
-A progress bar counts the images. Exit code 0 when at least one image was predicted, 2 on bad
-arguments (no such model or path, no image found, nothing readable).
+Everything is written to a temporary folder inside ``--out`` and moved into place at the end,
+so an interrupted or failed run leaves no partial output. A progress bar counts the images.
+Exit code 0 when at least one image was predicted, 2 on bad arguments (no such model or path,
+no image found, nothing readable or, with ``--strict``, nothing that passed the checks).
 
 Example (Python)::
 
@@ -40,7 +48,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import pathlib
+import shutil
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -49,20 +59,24 @@ import drkeras.startup  # noqa: F401  (first: quiets TensorFlow start-up logs)
 import cv2
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from tqdm import tqdm
 
 from drkeras import keys, metrics
+from drkeras.data import quality
 from drkeras.export import load_exported, uncrop_dense
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "LESION_COLORS",
+    "StagedOutput",
     "find_images",
     "main",
     "map_to_photo",
     "overlay",
     "predict",
     "read_image",
+    "read_photo",
 ]
 
 log = logging.getLogger("drkeras")
@@ -81,6 +95,11 @@ LESION_COLORS = {
 }
 PALETTE = ((240, 50, 230), (0, 130, 200), (210, 245, 60), (170, 110, 40), (128, 0, 0))
 OVERLAY_ALPHA = 0.6
+# RGB colour of the quality warning line of an overlay's caption (no lesion colour uses it).
+WARNING_COLOR = (200, 0, 0)
+UNREADABLE = "unreadable"
+MODEL_ERROR = "model_error"
+SKIPPED_COLUMNS = ["image", "reason", "flags"]
 
 
 def find_images(paths: Sequence) -> List[pathlib.Path]:
@@ -108,19 +127,36 @@ def find_images(paths: Sequence) -> List[pathlib.Path]:
     return unique
 
 
+def read_photo(path) -> Tuple[bytes, np.ndarray]:
+    """An image file's bytes and its pixels as uint8 RGB ``[H, W, 3]`` (16-bit and grey images
+    converted: :func:`drkeras.data.quality.assess` flags that).
+
+    Raises:
+        ValueError: naming the file, when it cannot be read or is not a readable image.
+    """
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read the file ({err.strerror or err})") from err
+    expected = "expected a JPEG, PNG, TIFF or BMP photograph"
+    if not data:
+        raise ValueError(f"{path}: not a readable image (empty file; {expected})")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as err:  # e.g. a header announcing an absurd size
+        raise ValueError(f"{path}: not a readable image ({expected}; {err.err})") from err
+    if image is None or image.size == 0:
+        raise ValueError(f"{path}: not a readable image ({expected})")
+    return data, cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
 def read_image(path) -> np.ndarray:
     """An image file as uint8 RGB ``[H, W, 3]`` (16-bit and grey images converted).
 
     Raises:
         ValueError: naming the file, when it is not a readable image.
     """
-    data = np.fromfile(str(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ValueError(
-            f"{path}: not a readable image (expected a JPEG, PNG, TIFF or BMP photograph)"
-        )
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return read_photo(path)[1]
 
 
 def _fov_box(image: np.ndarray, fov_crop: bool) -> Tuple[int, int, int, int]:
@@ -188,6 +224,7 @@ def overlay(
     *,
     threshold: float = 0.5,
     caption: str = "",
+    warning: str = "",
 ) -> np.ndarray:
     """The photograph with lesion channels at or above ``threshold`` painted over it.
 
@@ -196,6 +233,7 @@ def overlay(
         channel_maps: ``(channel name, [H, W] probabilities)`` in drawing order.
         threshold: probability from which a pixel is painted.
         caption: text of the banner above the image (the legend follows it).
+        warning: a third banner line in :data:`WARNING_COLOR` (the quality flags), or none.
 
     Returns:
         uint8 RGB ``[H + banner, W, 3]``; each painted pixel is ``(1 - 0.6) * photo + 0.6 *
@@ -211,9 +249,19 @@ def overlay(
     width = photo.shape[1]
     font_scale = max(width / 1200.0, 0.35)
     line = int(math.ceil(28 * font_scale)) + 6
-    banner = np.full((2 * line, width, 3), 255, np.uint8)
+    banner = np.full(((3 if warning else 2) * line, width, 3), 255, np.uint8)
     text_y = line - 8
     cv2.putText(banner, caption, (6, text_y), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1)
+    if warning:
+        cv2.putText(
+            banner,
+            warning,
+            (6, 2 * line + text_y),
+            cv2.FONT_HERSHEY_SIMPLEX,
+            font_scale,
+            WARNING_COLOR,
+            1,
+        )
     x = 6
     for index, (name, _) in enumerate(channel_maps):
         color = _color(name, index)
@@ -274,12 +322,18 @@ def _unique_names(files: Sequence[pathlib.Path]) -> List[str]:
     return names
 
 
-def _row(path, image, pred: Dict[str, np.ndarray], i: int, outputs: Sequence[str], dense) -> dict:
-    row = {"image": str(path), "width": image.shape[1], "height": image.shape[0]}
+def _row(path, image, assessment, pred: Dict[str, np.ndarray], outputs: Sequence[str], dense):
+    row = {
+        "image": str(path),
+        "width": image.shape[1],
+        "height": image.shape[0],
+        "quality": assessment.text,
+        "fov_fraction": round(assessment.measures["fov_fraction"], 4),
+    }
     for name in outputs:
         if name in dense:
             continue
-        value = np.asarray(pred[name][i], np.float64)
+        value = np.asarray(pred[name], np.float64)
         if name == keys.GRADE_PROBS:
             grade = int(np.argmax(value))
             row["grade"] = grade
@@ -295,23 +349,111 @@ def _row(path, image, pred: Dict[str, np.ndarray], i: int, outputs: Sequence[str
     return row
 
 
-def _batches(files, batch_size: int, skipped: list):
-    """Consecutive readable images of the same size, ``batch_size`` at most per batch."""
-    batch: List[Tuple[int, pathlib.Path, np.ndarray]] = []
+def _skip(skipped: list, path, reason: str, flags: str) -> None:
+    log.warning("skipped %s", reason if reason.startswith(str(path)) else f"{path}: {reason}")
+    skipped.append({"image": str(path), "reason": reason, "flags": flags})
+
+
+def _batches(files, batch_size: int, skipped: list, strict: bool):
+    """Consecutive readable (with ``strict``: unflagged) photographs of the same size,
+    ``batch_size`` at most per batch, as ``(batch, number of files skipped)``; each item is
+    ``(index, path, image, assessment)``."""
+    batch: list = []
     for index, path in enumerate(files):
         try:
-            image = read_image(path)
+            data, image = read_photo(path)
         except ValueError as err:
-            log.warning("skipped %s", err)
-            skipped.append({"image": str(path), "reason": str(err)})
+            _skip(skipped, path, str(err), UNREADABLE)
+            yield [], 1
+            continue
+        assessment = quality.assess(data, image)
+        if strict and not assessment.ok:
+            _skip(
+                skipped,
+                path,
+                f"{path}: quality flags (--strict): {quality.describe(assessment)}",
+                assessment.text,
+            )
             yield [], 1
             continue
         if batch and (len(batch) >= batch_size or image.shape != batch[0][2].shape):
             yield batch, 0
             batch = []
-        batch.append((index, path, image))
+        batch.append((index, path, image, assessment))
     if batch:
         yield batch, 0
+
+
+def _model_error(err: Exception) -> str:
+    text = getattr(err, "message", None) or str(err)
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
+def _predict_each(exported, batch) -> list:
+    """Per photograph of ``batch``: ``{output: value}``, or the error the model raised on it
+    (a failing batch is retried image by image, so one bad photograph costs only itself)."""
+    errors = (tf.errors.OpError, ValueError)
+    try:
+        pred = exported.predict(np.stack([item[2] for item in batch]))
+        return [{k: v[i] for k, v in pred.items()} for i in range(len(batch))]
+    except errors as err:
+        if len(batch) == 1:
+            return [err]
+    out = []
+    for item in batch:
+        try:
+            pred = exported.predict(item[2][None])
+            out.append({k: v[0] for k, v in pred.items()})
+        except errors as err:
+            out.append(err)
+    return out
+
+
+class StagedOutput:
+    """Outputs written under ``<out>/.<prefix>-<pid>.tmp`` and moved into ``out`` on
+    :meth:`commit`; :meth:`discard` (on any failure) deletes them, leaving ``out`` as it was:
+    an interrupted or failed run leaves no partial output (``drkeras.evaluate`` uses it too).
+
+    Example::
+
+        staged = StagedOutput(pathlib.Path("out"), "predict")
+        staged.path("maps/a/x.png").write_bytes(png)   # out/.predict-<pid>.tmp/maps/a/x.png
+        staged.commit()                                 # now out/maps/a/x.png
+    """
+
+    def __init__(self, out: pathlib.Path, prefix: str):
+        self.out = pathlib.Path(out)
+        self.root = self.out / f".{prefix}-{os.getpid()}.tmp"
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        self.files: List[pathlib.PurePath] = []
+
+    def path(self, relative) -> pathlib.Path:
+        """Where to write the output ``relative`` (to ``out``) now (its folder is created);
+        remembered for :meth:`commit`."""
+        self.files.append(pathlib.PurePath(relative))
+        target = self.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def commit(self, remove=()) -> None:
+        """Move every staged file into ``out`` (replacing older ones) and delete ``remove``
+        (outputs of an earlier run that this run does not write, e.g. its ``skipped.csv``)."""
+        for relative in remove:
+            (self.out / relative).unlink(missing_ok=True)
+        for relative in self.files:
+            target = self.out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.root / relative, target)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _write_csv(path: pathlib.Path, frame: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, lineterminator="\n")
 
 
 def predict(
@@ -324,6 +466,7 @@ def predict(
     maps: bool = True,
     overlays: bool = True,
     progress: bool = True,
+    strict: bool = False,
 ) -> Dict[str, object]:
     """Run an exported model on image files and write the CSV, maps and overlays (module doc).
 
@@ -335,14 +478,17 @@ def predict(
         threshold: probability from which overlays paint a lesion pixel.
         maps, overlays: write the probability maps / the overlays.
         progress: show a tqdm progress bar.
+        strict: skip photographs with any quality flag (:mod:`drkeras.data.quality`) into
+            ``skipped.csv`` instead of grading them.
 
     Returns:
-        ``{"table": DataFrame of predictions.csv, "csv": path, "skipped": [{"image", "reason"}],
-        "maps": [paths], "overlays": [paths]}``.
+        ``{"table": DataFrame of predictions.csv, "csv": path, "skipped": [{"image", "reason",
+        "flags"}], "maps": [paths], "overlays": [paths]}``.
 
     Raises:
         FileNotFoundError: no such model or image path, or no image file found.
-        ValueError: no file could be read as an image.
+        ValueError: no file could be read as an image (or, with ``strict``, none passed the
+            quality checks); ``skipped.csv`` says why for each.
     """
     out = pathlib.Path(out_dir)
     files = find_images(images)
@@ -352,76 +498,30 @@ def predict(
             f"{', '.join(IMAGE_SUFFIXES)})"
         )
     exported = load_exported(model_path)
-    meta = exported.meta
-    fov_crop = bool(meta["preprocess"].get("fov_crop", True))
-    dense = _dense_channels(meta)
-    patches = keys.PATCH_LOGITS in exported.output_names
-    names = _unique_names(files)
     out.mkdir(parents=True, exist_ok=True)
-    rows, skipped, map_paths, overlay_paths = [], [], [], []
-    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
-    for batch, n_skipped in _batches(files, batch_size, skipped):
-        bar.update(n_skipped)
-        if not batch:
-            continue
-        pred = exported.predict(np.stack([image for _, _, image in batch]))
-        for i, (index, path, image) in enumerate(batch):
-            row = _row(path, image, pred, i, exported.output_names, dense)
-            rows.append(row)
-            if not (maps or overlays):
-                continue
-            box = _fov_box(image, fov_crop)
-            hw = image.shape[:2]
-            lesion_maps = []
-            for output, chans in dense.items():
-                full = map_to_photo(uncrop_dense(pred[output][i], meta), box, hw)
-                for c, cname, is_lesion in chans:
-                    if maps:
-                        path_png = out / "maps" / names[index] / f"{output}_{cname}.png"
-                        grey = np.round(np.clip(full[..., c], 0.0, 1.0) * 255).astype(np.uint8)
-                        _write_png(path_png, grey)
-                        map_paths.append(path_png)
-                    if is_lesion:
-                        lesion_maps.append((cname, full[..., c]))
-            if patches and maps:
-                scores = _sigmoid(np.squeeze(pred[keys.PATCH_LOGITS][i])).astype(np.float32)
-                # The patch grid tiles the model's square input.
-                side = exported.image_size
-                grid = cv2.resize(scores, (side, side), interpolation=cv2.INTER_NEAREST)
-                full = map_to_photo(
-                    uncrop_dense(grid, meta), box, hw, interpolation=cv2.INTER_NEAREST
-                )
-                path_png = out / "maps" / names[index] / "patch_scores.png"
-                _write_png(path_png, np.round(full * 255).astype(np.uint8))
-                map_paths.append(path_png)
-            if overlays:
-                caption = path.name
-                if "grade" in row:
-                    grade = row["grade"]
-                    caption += (
-                        f"  grade {grade} ({row['grade_name']}), p = {row[f'p_grade_{grade}']:.2f}"
-                    )
-                path_png = out / "overlays" / f"{names[index]}.png"
-                _write_png(
-                    path_png, overlay(image, lesion_maps, threshold=threshold, caption=caption)
-                )
-                overlay_paths.append(path_png)
-        bar.update(len(batch))
-    bar.close()
-    if skipped:
-        pd.DataFrame(skipped, columns=["image", "reason"]).to_csv(
-            out / "skipped.csv", index=False, lineterminator="\n"
+    staging = StagedOutput(out, "predict")
+    try:
+        result = _predict_files(
+            exported, files, staging, batch_size, threshold, maps, overlays, progress, strict
         )
+    except BaseException:
+        staging.discard()
+        raise
+    rows, skipped, map_paths, overlay_paths = result
     if not rows:
-        raise ValueError(
-            f"none of the {len(files)} file(s) could be read as an image; see {out / 'skipped.csv'}"
-        )
+        # skipped.csv is complete (every file is in it): keep it, drop older predictions.
+        staging.commit(remove=["predictions.csv"])
+        what = "passed the quality checks (--strict)" if strict else "could be read as an image"
+        raise ValueError(f"none of the {len(files)} file(s) {what}; see {out / 'skipped.csv'}")
     table = pd.DataFrame(rows)
+    _write_csv(staging.path("predictions.csv"), table)
+    staging.commit(remove=[] if skipped else ["skipped.csv"])
     csv_path = out / "predictions.csv"
-    table.to_csv(csv_path, index=False, lineterminator="\n")
+    flagged = int((table["quality"] != quality.OK).sum())
     log.info(
-        "predicted %d image(s) (%d skipped); %s, maps and overlays in %s",
+        "predicted %d image(s) (%d with quality flags, %d skipped); %s, maps and overlays in %s",
         len(rows),
+        flagged,
         len(skipped),
         csv_path,
         out,
@@ -433,6 +533,74 @@ def predict(
         "maps": map_paths,
         "overlays": overlay_paths,
     }
+
+
+def _predict_files(
+    exported, files, staging, batch_size, threshold, maps, overlays, progress, strict
+):
+    meta = exported.meta
+    fov_crop = bool(meta["preprocess"].get("fov_crop", True))
+    dense = _dense_channels(meta)
+    patches = keys.PATCH_LOGITS in exported.output_names
+    names = _unique_names(files)
+    rows, skipped, map_paths, overlay_paths = [], [], [], []
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress)
+    for batch, n_skipped in _batches(files, batch_size, skipped, strict):
+        bar.update(n_skipped)
+        if not batch:
+            continue
+        for (index, path, image, assessment), pred in zip(batch, _predict_each(exported, batch)):
+            if isinstance(pred, Exception):
+                reason = f"{path}: the model failed on it: {_model_error(pred)}"
+                _skip(skipped, path, reason, MODEL_ERROR)
+                continue
+            row = _row(path, image, assessment, pred, exported.output_names, dense)
+            rows.append(row)
+            if not (maps or overlays):
+                continue
+            box = _fov_box(image, fov_crop)
+            hw = image.shape[:2]
+            lesion_maps = []
+            for output, chans in dense.items():
+                full = map_to_photo(uncrop_dense(pred[output], meta), box, hw)
+                for c, cname, is_lesion in chans:
+                    if maps:
+                        relative = pathlib.PurePath("maps", names[index], f"{output}_{cname}.png")
+                        grey = np.round(np.clip(full[..., c], 0.0, 1.0) * 255).astype(np.uint8)
+                        _write_png(staging.path(relative), grey)
+                        map_paths.append(staging.out / relative)
+                    if is_lesion:
+                        lesion_maps.append((cname, full[..., c]))
+            if patches and maps:
+                scores = _sigmoid(np.squeeze(pred[keys.PATCH_LOGITS])).astype(np.float32)
+                # The patch grid tiles the model's square input.
+                side = exported.image_size
+                grid = cv2.resize(scores, (side, side), interpolation=cv2.INTER_NEAREST)
+                full = map_to_photo(
+                    uncrop_dense(grid, meta), box, hw, interpolation=cv2.INTER_NEAREST
+                )
+                relative = pathlib.PurePath("maps", names[index], "patch_scores.png")
+                _write_png(staging.path(relative), np.round(full * 255).astype(np.uint8))
+                map_paths.append(staging.out / relative)
+            if overlays:
+                caption = path.name
+                if "grade" in row:
+                    grade = row["grade"]
+                    caption += (
+                        f"  grade {grade} ({row['grade_name']}), p = {row[f'p_grade_{grade}']:.2f}"
+                    )
+                warning = "" if assessment.ok else f"QUALITY: {assessment.text} - do not trust"
+                relative = pathlib.PurePath("overlays", f"{names[index]}.png")
+                painted = overlay(
+                    image, lesion_maps, threshold=threshold, caption=caption, warning=warning
+                )
+                _write_png(staging.path(relative), painted)
+                overlay_paths.append(staging.out / relative)
+        bar.update(len(batch))
+    bar.close()
+    if skipped:
+        _write_csv(staging.path("skipped.csv"), pd.DataFrame(skipped, columns=SKIPPED_COLUMNS))
+    return rows, skipped, map_paths, overlay_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="images per serving call")
     parser.add_argument(
         "--threshold", type=float, default=0.5, help="probability painted in overlays"
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="skip photographs with any quality flag into skipped.csv instead of grading them",
     )
     parser.add_argument("--no-maps", action="store_true", help="do not write probability maps")
     parser.add_argument("--no-overlays", action="store_true", help="do not write overlays")
@@ -473,18 +646,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             maps=not args.no_maps,
             overlays=not args.no_overlays,
             progress=not args.no_progress,
+            strict=args.strict,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(result['table'])} image(s) predicted; table: {result['csv']}")
+    table = result["table"]
+    print(f"{len(table)} image(s) predicted; table: {result['csv']}")
+    flagged = table[table["quality"] != quality.OK]
+    if len(flagged):
+        print(f"{len(flagged)} with quality flags (see the quality column):")
+        for _, row in flagged.iterrows():
+            print(f"  {row['image']}: {row['quality']}")
     if result["skipped"]:
         print(f"{len(result['skipped'])} file(s) skipped: {pathlib.Path(args.out) / 'skipped.csv'}")
     return 0
 
 
 if __name__ == "__main__":
-    import tensorflow as tf
-
     tf.get_logger().setLevel("ERROR")
     raise SystemExit(main())

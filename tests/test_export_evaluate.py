@@ -193,6 +193,8 @@ def _write_records(root):
                     lossless=True,
                 )
             )
+    # The count a converter's manifest holds: evaluate checks the split against it.
+    (root / records.MANIFEST).write_text(json.dumps({"counts": {"test": writer.count}}))
     return root
 
 

@@ -67,9 +67,12 @@ def test_predict_writes_grades_maps_and_overlays(exported, tmp_path, capsys):
 
     table = pd.read_csv(out / "predictions.csv")
     grade_columns = [f"p_grade_{k}" for k in range(5)]
-    assert list(table.columns) == ["image", "width", "height", "grade", "grade_name"] + (
-        grade_columns
-    )
+    assert list(table.columns) == [
+        "image", "width", "height", "quality", "fov_fraction", "grade", "grade_name"
+    ] + grade_columns  # fmt: skip
+    # 40-48 px synthetic photographs: smaller than the stated minimum, otherwise fine.
+    assert set(table["quality"]) == {"too_small"}
+    assert table["fov_fraction"].between(0.5, 0.8).all()
     # find_images: the corrupt file is tried (it has an image suffix), the text file is not.
     assert sorted(table["image"]) == sorted(str(p.resolve()) for p in photos)
     skipped = pd.read_csv(out / "skipped.csv")

@@ -31,6 +31,8 @@ __all__ = [
     "crop_and_resize",
     "denormalize",
     "fov_box",
+    "fov_fraction",
+    "fov_mask",
     "gaussian_blur",
     "graham",
     "normalize",
@@ -101,10 +103,7 @@ def fov_box(image) -> tf.Tensor:
     image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
-    # one channel converted to float, not three: this runs on full-resolution photographs
-    intensity = tf.cast(tf.maximum(image[..., 0], image[..., 1]), tf.float32)
-    threshold = tf.maximum(FOV_ABS_FLOOR, FOV_REL_THRESHOLD * tf.reduce_max(intensity))
-    inside = tf.cast(intensity > threshold, tf.float32)
+    inside = tf.cast(fov_mask(image), tf.float32)
     min_in_row = tf.maximum(FOV_MIN_PIXELS, FOV_MIN_FRACTION * tf.cast(w, tf.float32))
     min_in_col = tf.maximum(FOV_MIN_PIXELS, FOV_MIN_FRACTION * tf.cast(h, tf.float32))
     rows = tf.where(tf.reduce_sum(inside, axis=1) >= min_in_row)[:, 0]
@@ -115,6 +114,37 @@ def fov_box(image) -> tf.Tensor:
         lambda: tf.cast(tf.stack([rows[0], cols[0], rows[-1] + 1, cols[-1] + 1]), tf.int32),
         lambda: tf.stack([0, 0, h, w]),
     )
+
+
+def fov_mask(image) -> tf.Tensor:
+    """The pixels :func:`fov_box` counts as field of view: ``max(red, green)`` above
+    ``max(FOV_ABS_FLOOR, FOV_REL_THRESHOLD * brightest)`` on the 0-255 scale.
+
+    Args:
+        image: ``[H, W, 3]`` uint8 or float in [0, 255].
+
+    Returns:
+        bool ``[H, W]``.
+    """
+    image = tf.convert_to_tensor(image)
+    # one channel converted to float, not three: this runs on full-resolution photographs
+    intensity = tf.cast(tf.maximum(image[..., 0], image[..., 1]), tf.float32)
+    threshold = tf.maximum(FOV_ABS_FLOOR, FOV_REL_THRESHOLD * tf.reduce_max(intensity))
+    return intensity > threshold
+
+
+def fov_fraction(image) -> tf.Tensor:
+    """The fraction of the photograph's pixels in its field of view (:func:`fov_mask`):
+    0.0 for a blank photograph, where :func:`fov_box` falls back to the whole frame.
+
+    Example::
+
+        >>> import numpy as np
+        >>> photo = np.zeros((10, 10, 3), np.uint8); photo[:5, :5] = 200
+        >>> float(fov_fraction(photo))
+        0.25
+    """
+    return tf.reduce_mean(tf.cast(fov_mask(image), tf.float32))
 
 
 def crop_and_resize(image, box, size: int, *, method: str = "bilinear") -> tf.Tensor:

@@ -38,7 +38,7 @@ import pathlib
 import re
 import signal
 import threading
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow as tf
@@ -49,6 +49,7 @@ from drkeras import keys
 __all__ = [
     "LABEL_FIELDS",
     "MANIFEST",
+    "UNREADABLE_RECORD",
     "ShardWriter",
     "decode_mask",
     "encode_example",
@@ -271,9 +272,65 @@ _JPEG_RATIOS = (2, 4, 8)
 
 
 def _typed(parsed: dict) -> dict:
-    """Parsed features in the types :func:`parse_example` promises."""
+    """Parsed features in the types :func:`parse_example` promises, the labels checked: a record
+    written by another tool (or damaged) with a grade, DME risk or mask flag out of the schema's
+    range raises ``InvalidArgumentError`` naming the field, the range and the record's id,
+    instead of reaching a metric as an index out of range."""
+    checks = []
+    for name, low, high in (
+        (keys.GRADE, keys.UNKNOWN, keys.NUM_GRADES - 1),
+        (keys.DME, keys.UNKNOWN, MAX_DME),
+        (keys.MASK_PRESENT, 0, 1),
+    ):
+        if name not in parsed:
+            continue
+        value = parsed[name]
+        ok = tf.reduce_all(tf.logical_and(value >= low, value <= high))
+        checks.append(
+            tf.debugging.Assert(
+                ok,
+                [
+                    f"record field '{name}' must be in [{low}, {high}]"
+                    + (" (-1 = unknown)" if low < 0 else "")
+                    + "; record id and value:",
+                    # a damaged id may not be UTF-8: TensorFlow could not build the message
+                    tf.strings.unicode_transcode(
+                        parsed.get(keys.ID, tf.constant("?")), "UTF-8", "UTF-8", errors="replace"
+                    ),
+                    value,
+                ],
+            )
+        )
     casts = {keys.GRADE: tf.int32, keys.DME: tf.int32, keys.MASK_PRESENT: tf.bool}
-    return {name: tf.cast(v, casts[name]) if name in casts else v for name, v in parsed.items()}
+    with tf.control_dependencies(checks):
+        return {
+            name: tf.cast(v, casts[name]) if name in casts else tf.identity(v)
+            for name, v in parsed.items()
+        }
+
+
+UNREADABLE_RECORD = (
+    "a record cannot be parsed: its bytes are corrupted (TensorFlow quoted them in its error "
+    "message and could not decode that message as UTF-8); expected a complete tf.train.Example "
+    "of the drkeras schema"
+)
+
+
+def _eager_errors(parse: Callable[[], dict]) -> dict:
+    """``parse()``, with the error TensorFlow cannot build turned into the one it meant.
+
+    Some TensorFlow parse errors quote the record's raw bytes; when those are not UTF-8, Python
+    fails while decoding the message and raises ``UnicodeDecodeError`` instead of the
+    ``InvalidArgumentError``. Eagerly, this raises ``InvalidArgumentError`` with
+    :data:`UNREADABLE_RECORD`; inside ``tf.data`` the error surfaces at the iterator, where the
+    caller (``drkeras.evaluate``) names the shard and record.
+    """
+    if not tf.executing_eagerly():
+        return parse()
+    try:
+        return parse()
+    except UnicodeDecodeError:
+        raise tf.errors.InvalidArgumentError(None, None, UNREADABLE_RECORD) from None
 
 
 def parse_labels(serialized: tf.Tensor) -> dict:
@@ -297,8 +354,10 @@ def parse_labels(serialized: tf.Tensor) -> dict:
         >>> int(parse_labels(blob)["grade"])
         2
     """
-    return _typed(
-        tf.io.parse_single_example(serialized, {name: _FEATURES[name] for name in LABEL_FIELDS})
+    return _eager_errors(
+        lambda: _typed(
+            tf.io.parse_single_example(serialized, {name: _FEATURES[name] for name in LABEL_FIELDS})
+        )
     )
 
 
@@ -400,6 +459,15 @@ def parse_example(
         keys.LESIONS), keys.MASK_PRESENT: bool [5], keys.GRADE: int32, keys.DME: int32,
         keys.ID / keys.DATASET / keys.SPLIT: tf.string}``.
 
+    Raises:
+        tf.errors.InvalidArgumentError: the record is not a tf.train.Example of the schema (a
+            field missing, bytes corrupted: eagerly :data:`UNREADABLE_RECORD` when TensorFlow's
+            own message cannot be decoded), the image or a mask does not decode, a mask's size
+            differs from the image's, or a label is out of range (the message names the field,
+            the range and the record's id). In ``Dataset.map`` these surface at the iterator,
+            the corrupted-bytes case as ``UnicodeDecodeError`` (``drkeras.evaluate`` catches
+            both and names the shard and the record's position).
+
     Example::
 
         >>> ds = tf.data.TFRecordDataset(list_shards("records/idrid", "train"))  # doctest: +SKIP
@@ -412,6 +480,10 @@ def parse_example(
             "parse_example: min_side (reduced JPEG decoding) needs masks=False, because the "
             "masks are stored at the photograph's full size"
         )
+    return _eager_errors(lambda: _parse_example(serialized, masks, min_side))
+
+
+def _parse_example(serialized: tf.Tensor, masks: Union[bool, str], min_side: Optional[int]):
     spec = {name: _FEATURES[name] for name in LABEL_FIELDS + (keys.IMAGE,)}
     if masks is not False:
         spec[keys.MASKS] = _FEATURES[keys.MASKS]
