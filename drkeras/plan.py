@@ -194,13 +194,16 @@ def plan_preset(
     networks: bool = True,
 ) -> dict:
     """Declare ``experiment``'s stages for ``preset`` on ``data_root`` and plan them (no
-    training; each network is built once). ``host_ram_gb`` states the machine's RAM (default:
-    this machine's); ``networks=False`` plans the data side only."""
+    training; each network is built once, with random weights). ``host_ram_gb`` states the
+    machine's RAM (default: this machine's); ``networks=False`` plans the data side only."""
+    from drkeras import weights
     from drkeras.config import apply_overrides, resolve_preset
     from drkeras.experiment import RunContext, plan_stages
 
     config = resolve_preset(experiment.presets, preset, list(overrides))
-    config = apply_overrides(config, [f"data.source={data_root}"])
+    # The plan reads shapes only: the networks are built with random weights (no download).
+    random = weights.random_weight_overrides(experiment, config)
+    config = apply_overrides(config, [f"data.source={data_root}", *random])
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     strategy = tf.distribute.get_strategy()

@@ -459,9 +459,9 @@ def plan_run(
     Per stage: host RAM (TensorFlow's runtime, the in-memory caches alive during the stage,
     shuffle and prefetch buffers, data held by the experiment), accelerator memory per replica
     (weights, gradients and optimizer slots of the trained networks, activations of every
-    network at the per-replica batch), the size of a final-weights and of a resumable
-    checkpoint, disk for file caches, FLOPs per step and the expected time per epoch on
-    ``machine.accelerator`` at ``UTILISATION`` of its peak.
+    network at the per-replica batch; of the largest one in a stage that does not train), the
+    size of a final-weights and of a resumable checkpoint, disk for file caches, FLOPs per step
+    and the expected time per epoch on ``machine.accelerator`` at ``UTILISATION`` of its peak.
     """
     data_last, _ = last_use(stages)
     first: Dict[str, int] = {}
@@ -493,7 +493,10 @@ def plan_run(
                 else per_replica
             )
             weights += 4 * fig.params
-            acts += act_bytes * fig.activation_elements * net_batch
+            net_acts = act_bytes * fig.activation_elements * net_batch
+            # a training step holds every network's activations at once; a stage that does not
+            # train runs its networks one after the other
+            acts = acts + net_acts if stage.steps else max(acts, net_acts)
             flops += fig.forward_flops * net_batch
             examples = max(examples, net_batch)
             if net.trainable and stage.steps:

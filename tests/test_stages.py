@@ -356,3 +356,18 @@ def test_published_records_hold_the_official_counts(tmp_path):
     assert len(read_labels(root / "messidor", "test")["id"]) == 1200
     manifest = json.loads((pathlib.Path(root) / "idrid" / "manifest.json").read_text())
     assert manifest["counts"] == {"train": 467, "test": 130}
+
+
+def test_a_stage_that_does_not_train_holds_one_network_at_a_time():
+    small = staging.NetFigures(params=10, trainable=10, activation_elements=100, forward_flops=1)
+    large = staging.NetFigures(params=10, trainable=10, activation_elements=300, forward_flops=1)
+    nets = [Net("small", build=None), Net("large", build=None)]
+    figures = {"small": small, "large": large}
+    infer = Stage("cams", run=len, nets=nets, steps=0, batch=2)
+    train = Stage("fit", run=len, nets=nets, steps=1, batch=2)
+    plan = staging.plan_run([infer, train], figures, {}, _machine())
+    acts = [row["accelerator_parts_gb"]["activations"] for row in plan["stages"]]
+    by_bytes = [r["bytes"]["accelerator_per_replica"] for r in plan["stages"]]
+    assert by_bytes[0] == 4 * 20 + 4 * 300 * 2  # weights, the larger network's activations
+    assert by_bytes[1] == 4 * 20 + 4 * 20 + 8 * 20 + 4 * 400 * 2  # + grads, Adam, both
+    assert acts[0] <= acts[1]
