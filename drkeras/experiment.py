@@ -1,40 +1,43 @@
 """The shared experiment runner behind every ``experiments/<paper>.py`` (docs/design.md section 3).
 
 An experiment file declares an :class:`Experiment`: its name, the paper it reproduces, its
-presets (:class:`drkeras.config.Config` values named ``smoke`` and ``paper``) and a ``run``
-method that trains and evaluates through a :class:`RunContext` and returns the paper's tables as
-:class:`drkeras.results.ResultsTable` objects. :func:`main` does the rest for every paper:
+presets (:class:`drkeras.config.Config` values named ``smoke`` and ``paper``) and ``prepare``,
+which returns the run: ``stages()``, every stage declared before anything trains
+(:class:`drkeras.stages.Stage`), and ``report()``, the paper's tables as
+:class:`drkeras.results.ResultsTable` objects (with figures and exports). :func:`main` does the
+rest for every paper:
 
-1. parse ``--data --preset --set --strategy --out --seed --fresh``;
+1. parse ``--data --preset --set --strategy --out --seed --fresh --dry-run --random-weights``;
 2. resolve the config, pick the device strategy, seed everything, set the precision policy;
 3. create the run directory (a worker of a multi-worker run other than the chief uses
    ``<out>/workers/<type>_<index>``) and save ``config.json``;
-4. call ``experiment.run(ctx)``; ``ctx.fit`` gives every training stage a Keras progress bar, a
-   shared ``history.csv``, TensorBoard logs, a NaN guard and checkpoints to resume from;
-5. write ``results.csv`` / ``results.md`` (our numbers beside the paper's) and print the tables.
+4. check the pretrained weights (:mod:`drkeras.weights`), declare the stages, write and check
+   the resource plan (``plan.json``; :func:`plan_stages`), then execute the stages in order
+   (:meth:`RunContext.execute`: datasets built once and released after their last stage;
+   ``ctx.fit`` gives every training stage a Keras progress bar, a shared ``history.csv``,
+   TensorBoard logs, a NaN guard and checkpoints to resume from), and report;
+5. write ``results.csv`` / ``results.md`` (our numbers beside the paper's) and print the tables;
+   a dry run also writes ``dry_run.json``.
 
 Resuming: run the SAME command again after a crash (or a kill) and the run continues where it
 stopped. Each ``ctx.fit`` stage checkpoints its model, every optimizer, its metrics and its data
 position in ``<out>/checkpoints/<stage>`` (:mod:`drkeras.training.checkpoint`); a finished stage
 keeps only its final weights (``train.keep_checkpoints=all`` keeps every checkpoint; ``none``
 deletes them all once the run has completed) and is not trained again (its final weights are
-restored), an unfinished one
-continues from its latest checkpoint, mid-epoch, with the batches an uninterrupted run would
-have seen; on CPU with ``train.deterministic`` it ends with the same weights. A run directory
-with checkpoints only resumes the config it was started with (``train.verbose`` may differ);
-``--fresh`` deletes the checkpoints and history and starts over.
+restored), an unfinished one continues from its latest checkpoint, mid-epoch, with the batches
+an uninterrupted run would have seen; on CPU with ``train.deterministic`` it ends with the same
+weights. A run directory with checkpoints only resumes the config it was started with
+(``train.verbose`` may differ); ``--fresh`` deletes the checkpoints and history and starts over.
 
-Example (an experiment file)::
+Example (an experiment file; tests/tiny_experiment.py is a complete one)::
 
     class MyPaper(Experiment):
         name = "mypaper"
         title = "My paper (2020)"
         presets = {"smoke": Config(method=Method()), "paper": Config(method=Method(), ...)}
 
-        def run(self, ctx):
-            table = ResultsTable("table1", "Table 1", ["Dice"], paper={"ours": {"Dice": 0.8}})
-            ...
-            return [table]
+        def prepare(self, ctx):
+            return MyRun(ctx)   # .stages() -> [Stage(...), ...], .report() -> [ResultsTable]
 
     if __name__ == "__main__":
         raise SystemExit(main(MyPaper()))
@@ -118,12 +121,6 @@ class Experiment(abc.ABC):
     def prepare(self, ctx: RunContext) -> StagedRun:
         """The run's stages and report (nothing may be built or trained here: the runner
         plans from the declarations first)."""
-
-    def run(self, ctx: RunContext) -> Sequence:
-        """Declare, plan, execute every stage through ``ctx``, then report."""
-        staged = self.prepare(ctx)
-        ctx.execute(staged.stages())
-        return staged.report()
 
     def pretrained_weights(self, config: Config) -> list:
         """The pretrained weight files (:class:`drkeras.weights.WeightFile`) the networks of
