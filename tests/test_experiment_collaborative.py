@@ -159,7 +159,7 @@ def test_pretrained_weights_are_refused(tmp_path):
         main(Collaborative(), argv)
 
 
-@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+@pytest.mark.slow  # `make test-slow`; tests/test_stages.py dry-runs toy stages
 def test_dry_run_steps_every_declared_stage_at_batches_1_and_2(tmp_path):
     """``--dry-run 1`` on the tiny run restricted to IDRiD (every kind of stage; the EyePACS
     ones are the same four kinds and run in the tiny run above): every declared stage is listed

@@ -265,6 +265,7 @@ RUN_STAGES = [
 ]
 
 
+@pytest.mark.slow  # `make test-slow` (5 minutes); tests/test_stages.py dry-runs toy stages
 def test_dry_run_steps_every_stage_at_batches_1_and_2_and_plans_each(tmp_path, monkeypatch):
     # Two runs: run 1's stages repeat run 0's (same groups), so the dry run only builds their
     # data, and the report fills every cell from run 0 alone.

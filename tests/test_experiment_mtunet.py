@@ -352,7 +352,7 @@ def test_export_reloads_and_the_figure_exists(smoke_run):
     assert (out / "history.png").is_file()
 
 
-@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+@pytest.mark.slow  # `make test-slow`; tests/test_stages.py dry-runs toy stages
 def test_dry_run_trains_run_0_of_every_stage_and_builds_the_data_of_run_1(tmp_path):
     out = tmp_path / "dry"
     argv = ["--out", str(out), "--dry-run", "1"]

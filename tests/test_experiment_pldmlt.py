@@ -243,7 +243,7 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path, monkeypatch):
     assert expected_stages <= stages
 
 
-@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+@pytest.mark.slow  # `make test-slow`; tests/test_stages.py dry-runs toy stages
 def test_dry_run_declares_every_stage_trains_one_per_group_and_plans_each(tmp_path, monkeypatch):
     monkeypatch.setattr(pldmlt_experiment, "build_grader", _small_grader([]))
     out = tmp_path / "dry"

@@ -143,7 +143,7 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path):
     } <= stages
 
 
-@pytest.mark.slow  # `make test-slow`; tests/test_experiment_cooperative.py dry-runs in `make test`
+@pytest.mark.slow  # `make test-slow`; tests/test_stages.py dry-runs toy stages
 def test_dry_run_lists_every_declared_stage(tmp_path):
     import json
 

@@ -371,3 +371,35 @@ def test_a_stage_that_does_not_train_holds_one_network_at_a_time():
     assert by_bytes[0] == 4 * 20 + 4 * 300 * 2  # weights, the larger network's activations
     assert by_bytes[1] == 4 * 20 + 4 * 20 + 8 * 20 + 4 * 400 * 2  # + grads, Adam, both
     assert acts[0] <= acts[1]
+
+
+def test_a_dry_run_trains_one_stage_per_group_and_builds_the_others_data(tmp_path):
+    ctx = _context(tmp_path)
+    ctx.dry_run = 1
+    ran, built = [], []
+
+    def data(key):
+        def build(cache):
+            built.append(key)
+            return tf.data.Dataset.range(3)
+
+        return Data(key, build=build, examples=3, size=1)
+
+    def run(name):
+        def stage(inputs):
+            ran.append((name, sorted(inputs)))
+            return name
+
+        return stage
+
+    stages = [
+        Stage("fold0", run=run("fold0"), data=[data("d0")], group="fold"),
+        Stage("fold1", run=run("fold1"), data=[data("d1")], group="fold"),
+        Stage("eval1", run=run("eval1"), consumes=["fold1"]),
+        Stage("eval0", run=run("eval0"), consumes=["fold0"]),
+    ]
+    ctx.execute(stages)
+    assert ran == [("fold0", []), ("eval0", ["fold0"])]  # fold1 skipped, and its consumer
+    assert built == ["d1"]  # fold1's data still built (fold0's run did not ask for its own)
+    trained = {entry["stage"]: entry["trained"] for entry in ctx.dry_stages}
+    assert trained == {"fold0": True, "fold1": False, "eval1": False, "eval0": True}
