@@ -200,40 +200,59 @@ def test_datasets_and_outputs_live_until_their_last_stage(tmp_path):
     assert list(left) == ["c"]  # outputs nobody consumes are dropped, except the last
 
 
-def test_host_memory_of_a_stage_is_released_for_the_next(tmp_path):
-    """Two stages each caching 200 MB in memory: the second needs no more resident memory
-    than the first, because the first stage's cache was released (without the release the
-    process would hold both). TensorFlow's oneDNN allocator keeps freed blocks for reuse
-    instead of returning them to the system, so the resident size after a stage is not the
+_MEMORY_SCRIPT = """
+import dataclasses, json, pathlib, sys, tempfile
+import tensorflow as tf
+from drkeras import stages as staging
+from drkeras.config import Config, TrainConfig
+from drkeras.experiment import RunContext
+from drkeras.stages import Data, Stage
+
+@dataclasses.dataclass(frozen=True)
+class M:
+    pass
+
+ctx = RunContext(Config(method=M(), train=TrainConfig(verbose=0)), pathlib.Path(tempfile.mkdtemp()),
+                 tf.distribute.get_strategy())
+meter, resident = staging.MemoryMeter(), {}
+
+def images(cache, offset):
+    image = lambda i: tf.fill([1024, 1024, 4], tf.cast(i + offset, tf.uint8))
+    return tf.data.Dataset.range(50).map(image).cache("")
+
+def run(name):
+    def passes(inputs):
+        for _ in range(2):
+            for _ in ctx.data(name):
+                pass
+        resident[name] = meter.current()
+    return passes
+
+ctx.cache = {"first": True, "second": True}
+resident["before"] = meter.current()
+ctx.execute([
+    Stage("a", run=run("first"), data=[Data("first", lambda c: images(c, 0), 50, 1024, 1)]),
+    Stage("b", run=run("second"), data=[Data("second", lambda c: images(c, 1), 50, 1024, 1)]),
+])
+print(json.dumps(resident))
+"""
+
+
+def test_host_memory_of_a_stage_is_released_for_the_next():
+    """Two stages each caching 200 MB in memory, in a fresh process: the second needs no more
+    resident memory than the first, because the first stage's cache was released (without the
+    release the process would hold both). TensorFlow's oneDNN allocator keeps freed blocks for
+    reuse instead of returning them to the system, so the resident size after a stage is not the
     measure; what the next stage adds is."""
-    ctx = _context(tmp_path)
-    meter = staging.MemoryMeter()
-    resident = {}
+    import subprocess
+    import sys
 
-    def images(cache, offset):
-        image = lambda i: tf.fill([1024, 1024, 4], tf.cast(i + offset, tf.uint8))  # noqa: E731
-        return tf.data.Dataset.range(50).map(image).cache("")
-
-    def run(name):
-        def passes(inputs):
-            for _ in range(2):  # the second pass reads the cache
-                for _ in ctx.data(name):
-                    pass
-            resident[name] = meter.current()
-
-        return passes
-
-    ctx.cache = {"first": True, "second": True}
-    before = meter.current()
-    ctx.execute(
-        [
-            Stage("a", run=run("first"), data=[Data("first", lambda c: images(c, 0), 50, 1024, 1)]),
-            Stage(
-                "b", run=run("second"), data=[Data("second", lambda c: images(c, 1), 50, 1024, 1)]
-            ),
-        ]
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=300
     )
-    assert resident["first"] - before > 150 * MB  # the cache was resident
+    assert done.returncode == 0, done.stderr[-2000:]
+    resident = json.loads(done.stdout.strip().splitlines()[-1])
+    assert resident["first"] - resident["before"] > 150 * MB  # the cache was resident
     assert resident["second"] - resident["first"] < 60 * MB, {
         k: v / MB for k, v in resident.items()
     }
