@@ -439,13 +439,10 @@ class _Run:
 
     # -------------------------------------------------------------------------- data
 
-    def _seg_train(self, batch: int, cache=False) -> tf.data.Dataset:
-        return pipeline.segmentation_dataset(
-            self.ctx.records("idrid"),
-            "train",
-            size=self.size,
-            batch_size=batch,
-            lesions=self.lesions,
+    def _train_options(self, cache) -> dict:
+        """What every training stream shares: augmentation, shuffling, repetition, cache and
+        preprocessing."""
+        return dict(
             augment=self.data.augment,
             augment_params=COLLABORATIVE_AUGMENT,
             shuffle_buffer=SHUFFLE_BUFFER,
@@ -454,6 +451,16 @@ class _Run:
             cache=cache,
             max_examples=self.data.max_examples,
             **self._preprocess(),
+        )
+
+    def _seg_train(self, batch: int, cache=False) -> tf.data.Dataset:
+        return pipeline.segmentation_dataset(
+            self.ctx.records("idrid"),
+            "train",
+            size=self.size,
+            batch_size=batch,
+            lesions=self.lesions,
+            **self._train_options(cache),
         )
 
     def _seg_test(self, cache=False) -> tf.data.Dataset:
@@ -477,14 +484,7 @@ class _Run:
             size=self.size,
             batch_size=batch,
             num_classes=num_grades,
-            augment=self.data.augment,
-            augment_params=COLLABORATIVE_AUGMENT,
-            shuffle_buffer=SHUFFLE_BUFFER,
-            repeat=True,
-            seed=self.config.seed,
-            cache=cache,
-            max_examples=self.data.max_examples,
-            **self._preprocess(),
+            **self._train_options(cache),
         )
         return ds.map(
             lambda image, grade: (image, {keys.GRADE_PROBS: tf.one_hot(grade, num_grades)})
@@ -529,15 +529,8 @@ class _Run:
             size=self.size,
             batch_size=self.data.batch_size,
             lesions=self.lesions,
-            augment=self.data.augment,
-            augment_params=COLLABORATIVE_AUGMENT,
-            shuffle_buffer=SHUFFLE_BUFFER,
-            repeat=True,
-            seed=self.config.seed,
-            cache=cache,
-            max_examples=self.data.max_examples,
+            **self._train_options(cache),
             **options,
-            **self._preprocess(),
         )
 
     # The datasets as the stages declare them (same key, same sizes in every stage using one).
