@@ -163,6 +163,7 @@ class RunContext:
         self._stage: Optional[Stage] = None
         self._live: Dict[str, Any] = {}
         self._meter = staging.MemoryMeter()
+        self._tensor_meter = staging.TensorMemoryMeter()
 
     @property
     def checkpoint_dir(self) -> pathlib.Path:
@@ -441,6 +442,7 @@ class RunContext:
             timer = _StepTimer()
             gc.collect()
             self._meter.reset()
+            self._tensor_meter.reset()
             history = model.fit(
                 stream,
                 epochs=1,
@@ -452,6 +454,7 @@ class RunContext:
             batches[str(per_replica)] = {
                 "step_seconds": [round(t, 3) for t in timer.seconds],
                 "peak_rss_gb": round(self._meter.peak() / staging.GB, 3),
+                "peak_tensor_gb": round(self._tensor_meter.peak() / staging.GB, 4),
             }
         one, two = batches["1"]["step_seconds"], batches["2"]["step_seconds"]
         record = {
@@ -840,15 +843,19 @@ def _write_dry_run(ctx: RunContext, experiment: Experiment, preset: str, seconds
         }  # fmt: skip
         for fit in entry.get("fits", []):
             b1, b2 = fit["batches"]["1"], fit["batches"]["2"]
-            per_example = b2["peak_rss_gb"] - b1["peak_rss_gb"]
+            # TensorFlow's allocator measures tensors alone; the resident size also holds
+            # oneDNN's pool of earlier stages' freed memory (a high-water mark of the process)
+            per_example = b2["peak_tensor_gb"] - b1["peak_tensor_gb"]
+            rss_per_example = b2["peak_rss_gb"] - b1["peak_rss_gb"]
             t1, t2 = fit["seconds_per_step"]["1"], fit["seconds_per_step"]["2"]
             fit["measured_mb_per_example"] = round(per_example * 1024, 1)
             fit["extrapolated_to_batch"] = {
                 "per_replica_batch": target,
-                "peak_rss_gb": round(b1["peak_rss_gb"] + (target - 1) * per_example, 2),
+                "peak_tensor_gb": round(b1["peak_tensor_gb"] + (target - 1) * per_example, 2),
+                "peak_rss_gb": round(b1["peak_rss_gb"] + (target - 1) * rss_per_example, 2),
                 "seconds_per_step": round(t1 + (target - 1) * (t2 - t1), 3),
             }
-            if row.get("activation_mb_per_example"):
+            if row.get("activation_mb_per_example") and per_example > 0:
                 fit["measured_over_planned_activations"] = round(
                     fit["measured_mb_per_example"] / row["activation_mb_per_example"], 2
                 )

@@ -228,6 +228,35 @@ def machine_memory_bytes() -> int:
     return total
 
 
+class TensorMemoryMeter:
+    """Peak bytes held by TensorFlow's CPU allocator between :meth:`reset` and :meth:`peak`
+    (tensors only: the measure of a step's activations). TensorFlow 2.15 keeps these statistics
+    for the CPU only with its oneDNN allocator (the default on x86; ``TF_ENABLE_ONEDNN_OPTS=0``
+    turns them off): :attr:`available` is False then, and :meth:`peak` returns 0."""
+
+    def __init__(self, device: str = "CPU:0"):
+        self.device = device
+        self.available = True
+        self._base = 0
+
+    def reset(self) -> None:
+        import tensorflow as tf
+
+        try:
+            tf.config.experimental.reset_memory_stats(self.device)
+            self._base = tf.config.experimental.get_memory_info(self.device)["current"]
+        except ValueError:
+            self.available = False
+
+    def peak(self) -> int:
+        """Peak bytes above what was held at :meth:`reset`."""
+        import tensorflow as tf
+
+        if not self.available:
+            return 0
+        return int(tf.config.experimental.get_memory_info(self.device)["peak"]) - self._base
+
+
 class MemoryMeter:
     """Peak resident memory of this process between :meth:`reset` and :meth:`peak` (Linux:
     ``VmHWM``, reset through ``/proc/self/clear_refs``; elsewhere the peak since start)."""
@@ -350,7 +379,7 @@ class NetFigures:
 
     params: int
     trainable: int
-    activation_elements: int  # per example: every layer's outputs, kept for the backward pass
+    activation_elements: int  # per example: forward tensors kept for the backward pass
     forward_flops: int  # per example
 
 
@@ -377,17 +406,12 @@ def _elements(shape) -> int:
     return int(np.prod(dims)) if dims else 1
 
 
-def _layer_flops(layer) -> int:
-    """Multiply-adds x 2 of one layer per example (convolutions and dense layers; the rest are
-    element-wise and cheap by comparison)."""
+def _layer_flops(layer, in_shapes: list, out_shapes: list) -> int:
+    """Multiply-adds x 2 of one call of a layer per example (convolutions and dense layers; the
+    rest are element-wise and cheap by comparison)."""
     import tensorflow as tf
 
     kind = type(layer).__name__
-    try:
-        out_shapes = _shapes(layer.output)
-        in_shapes = _shapes(layer.input)
-    except (AttributeError, ValueError, RuntimeError):
-        return 0
     if not out_shapes or not in_shapes:
         return 0
     out_elems, in_shape = _elements(out_shapes[0]), in_shapes[0]
@@ -413,17 +437,122 @@ def _layer_flops(layer) -> int:
     return 0
 
 
+# Peak tensor memory of a train step over the forward tensors kept for its backward pass
+# (:func:`_walk`), per example: TensorFlow's allocator peak at batches 1 and 3 on this machine at
+# 224 px gave 1.10 (MobileNetV2), 1.16 (DenseNet-121), 1.24 (ResNet-50), 1.31 (FPN-ResNet34),
+# 1.33 (InceptionV3), 1.36 (VGG16 U-Net), 1.42 (Xception), 1.45 (EfficientNet-B0) and 2.55
+# (the VGG16 classifier, an outlier). The backward pass's own buffers: gradients of the layer
+# being differentiated and the kernels' workspaces.
+BACKWARD_OVERHEAD = 1.3
+
+# What the backward pass of a layer reads, by layer class (the forward tensors a training step
+# keeps alive until that layer's gradient has been computed). Convolutions, dense layers and
+# normalisations read their input; ReLU, sigmoid, tanh, softmax and ELU their output; max pooling
+# both; additions, concatenations, reshapes, paddings, nearest upsampling and average poolings
+# only shapes. A layer not listed (Lambda, custom layers) is assumed to read input and output.
+_READS_NOTHING = (
+    "Add", "Subtract", "Concatenate", "Reshape", "Flatten", "Permute", "ZeroPadding2D",
+    "Cropping2D", "UpSampling2D", "NearestUpSampling2D", "GlobalAveragePooling2D",
+    "AveragePooling2D", "Rescaling", "Normalization", "InputLayer", "Average",
+    "RepeatVector", "Identity", "TFOpLambda.reshape",
+)  # fmt: skip
+_READS_OUTPUT = ("ReLU", "Softmax", "ELU")
+_OUTPUT_ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh", "softmax", "elu", "linear")
+_READS_INPUT = (
+    "Conv1D", "Conv2D", "Conv3D", "Conv2DTranspose", "DepthwiseConv2D", "SeparableConv2D",
+    "Dense", "BatchNormalization", "SyncBatchNormalization", "LayerNormalization",
+    "GroupNormalization", "LeakyReLU", "PReLU", "Multiply", "Dropout", "SpatialDropout2D",
+    "GaussianNoise", "WeightNormalization", "Maximum", "Minimum", "Dot",
+)  # fmt: skip
+
+
+def _backward_reads(layer) -> Tuple[bool, bool]:
+    """(reads its inputs, reads its outputs) in the backward pass; see ``_READS_*``."""
+    kind = type(layer).__name__
+    if kind in _READS_NOTHING:
+        return False, False
+    if kind == "Activation":
+        name = getattr(getattr(layer, "activation", None), "__name__", "")
+        return (False, True) if name in _OUTPUT_ACTIVATIONS else (True, False)
+    if kind in _READS_OUTPUT:
+        return False, True
+    if kind.startswith("MaxPooling") or kind.startswith("GlobalMaxPooling"):
+        return True, True
+    if kind in _READS_INPUT or kind.endswith("Conv2D"):
+        activation = getattr(getattr(layer, "activation", None), "__name__", "linear")
+        # a fused activation (Conv2D(..., activation="relu")) also keeps the output
+        return True, activation not in ("linear", "")
+    return True, True
+
+
+def _graph_nodes(model) -> Optional[list]:
+    """The call nodes of a functional model (each call of a shared layer is one), None for a
+    subclassed model."""
+    by_depth = getattr(model, "_nodes_by_depth", None)
+    if not by_depth:
+        return None
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def _walk(model, seen: set) -> Tuple[int, int]:
+    """(elements, FLOPs) per example: the distinct forward tensors the backward pass of
+    ``model`` reads (each counted once, however many layers read it) and the forward FLOPs of
+    every layer call (a shared layer counts per call)."""
+    nodes = _graph_nodes(model)
+    if nodes is None:  # subclassed: every layer output, once per layer
+        elements = flops = 0
+        for layer in _layers(model):
+            if type(layer).__name__ == "InputLayer" or not _has_output(layer):
+                continue
+            out_shapes = _shapes(layer.output)
+            elements += sum(_elements(s) for s in out_shapes)
+            flops += _layer_flops(layer, _shapes(layer.input), out_shapes)
+        return elements, flops
+    elements = flops = 0
+    for node in nodes:
+        layer = node.layer
+        if layer is not model and _graph_nodes(layer) is not None:
+            inner = _walk(layer, seen)  # a nested functional model, per call
+            elements, flops = elements + inner[0], flops + inner[1]
+            continue
+        inputs, outputs = _flat(node.input_tensors), _flat(node.outputs)
+        flops += _layer_flops(layer, [tuple(x.shape) for x in inputs],
+                              [tuple(x.shape) for x in outputs])  # fmt: skip
+        reads_in, reads_out = _backward_reads(layer)
+        kept = [x for x in inputs if not _is_model_input(x, model)] if reads_in else []
+        for tensor in kept + (outputs if reads_out else []):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                elements += _elements(tuple(tensor.shape))
+    return elements, flops
+
+
+def _flat(value) -> list:
+    import tensorflow as tf
+
+    return [t for t in tf.nest.flatten(value) if hasattr(t, "shape")]
+
+
+def _is_model_input(tensor, model) -> bool:
+    # the batch itself is held by the input pipeline, not by the step's activations
+    return any(tensor is t for t in _flat(getattr(model, "inputs", None) or []))
+
+
+def _has_output(layer) -> bool:
+    try:
+        return layer.output is not None
+    except (AttributeError, ValueError, RuntimeError):
+        return False
+
+
 def net_figures(model) -> NetFigures:
-    """Parameters, activation elements and forward FLOPs per example of a built Keras model."""
-    activations = flops = 0
-    for layer in _layers(model):
-        try:
-            shapes = _shapes(layer.output)
-        except (AttributeError, ValueError, RuntimeError):
-            shapes = []
-        if type(layer).__name__ != "InputLayer":
-            activations += sum(_elements(s) for s in shapes)
-        flops += _layer_flops(layer)
+    """Parameters, activation elements and forward FLOPs per example of a built Keras model.
+
+    Activations are the distinct forward tensors a training step keeps for its backward pass
+    (:func:`_walk`; every call of a shared layer counts). Checked against TensorFlow's
+    own allocator on this machine (peak bytes of a train step at batches 1, 2 and 4,
+    ``tests/test_stages.py``)."""
+    activations, flops = _walk(model, set())
     trainable = int(sum(int(np.prod(w.shape)) for w in model.trainable_weights))
     params = int(sum(int(np.prod(w.shape)) for w in model.weights))
     return NetFigures(params, trainable, activations, flops)
@@ -494,6 +623,8 @@ def plan_run(
             )
             weights += 4 * fig.params
             net_acts = act_bytes * fig.activation_elements * net_batch
+            if stage.steps:
+                net_acts = int(net_acts * BACKWARD_OVERHEAD)
             # a training step holds every network's activations at once; a stage that does not
             # train runs its networks one after the other
             acts = acts + net_acts if stage.steps else max(acts, net_acts)
@@ -559,8 +690,9 @@ def plan_run(
             "utilisation": UTILISATION,
             "peak_tflops": peak_flops / 1e12,
             "activation_bytes": act_bytes,
-            "activations": "every layer output of every network of the stage, kept for the "
-            "backward pass, at the per-replica batch",
+            "activations": "the forward tensors each network of a training stage keeps for its "
+            f"backward pass, x {BACKWARD_OVERHEAD} for the backward pass's own buffers, at the "
+            "per-replica batch; a stage that does not train: the largest network's kept tensors",
             "train_step_flops": "3 x forward (convolutions and dense layers)",
         },
         "cache": {
@@ -661,9 +793,11 @@ def figures_of(stages: Sequence[Stage]) -> Dict[str, NetFigures]:
 
 __all__ = [
     "ACCELERATORS",
+    "BACKWARD_OVERHEAD",
     "Data",
     "Machine",
     "MemoryMeter",
+    "TensorMemoryMeter",
     "Net",
     "NetFigures",
     "PlanExceeded",
