@@ -66,6 +66,63 @@ def stand_in_context(config, out_dir, *, export_dir=None, records=None):
     return context
 
 
+# A tiny exported-model set-up shared by the export/evaluate and leaderboard tests.
+TINY_MODEL_SIZE = 32
+TINY_PREPROCESS = {"fov_crop": True, "graham": False, "normalization": "unit"}
+# seg_probs channels of tiny_joint_model: unions of lesion types, as MTUnet's classes
+TINY_RED_YELLOW = [("background", ()), ("red", ("MA", "HE")), ("yellow", ("EX", "SE"))]
+
+
+def tiny_joint_model():
+    """A few conv layers with a grading head and two segmentation heads (sigmoid, softmax)."""
+    from tensorflow import keras
+
+    from drkeras import keys
+
+    size = TINY_MODEL_SIZE
+    x = keras.Input((size, size, 3), name=keys.IMAGE)
+    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="enc_conv1")(x)
+    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="enc_conv2")(h)
+    lesion = keras.layers.Conv2D(5, 1, activation="sigmoid", name=keys.LESION_PROBS)(h)
+    seg = keras.layers.Conv2D(3, 1, activation="softmax", name=keys.SEG_PROBS)(h)
+    pooled = keras.layers.GlobalAveragePooling2D(name="grade_pool")(h)
+    grade = keras.layers.Dense(5, activation="softmax", name=keys.GRADE_PROBS)(pooled)
+    outputs = {keys.GRADE_PROBS: grade, keys.LESION_PROBS: lesion, keys.SEG_PROBS: seg}
+    return keras.Model(x, outputs, name="tiny_joint")
+
+
+def write_synthetic_test_records(root):
+    """Six synthetic test examples: mixed sizes, one unknown grade, SE not annotated on one."""
+    import json
+
+    from drkeras.data import records, synthetic
+
+    with records.ShardWriter(root, "test", examples_per_shard=4) as writer:
+        for i in range(6):
+            f = synthetic.generate(20 + i, size=40, grade=i % 5, camera="canon" if i == 4 else None)
+            present = [True] * 5
+            masks = f.masks.copy()
+            if i == 2:
+                present[3] = False
+                masks[..., 3] = 0
+            writer.write(
+                records.encode_example(
+                    id=f"syn-{i}",
+                    dataset="synthetic",
+                    split="test",
+                    image=f.image,
+                    masks=masks,
+                    mask_present=present,
+                    grade=-1 if i == 5 else f.grade,
+                    dme=f.dme,
+                    lossless=True,
+                )
+            )
+    # The count a converter's manifest holds: evaluate checks the split against it.
+    (root / records.MANIFEST).write_text(json.dumps({"counts": {"test": writer.count}}))
+    return root
+
+
 @pytest.fixture(scope="session")
 def two_replicas():
     """A MirroredStrategy over the two logical CPU devices."""

@@ -8,7 +8,6 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 from sklearn import metrics as skm
-from tensorflow import keras
 
 from drkeras import keys
 from drkeras import metrics as M
@@ -16,23 +15,10 @@ from drkeras.data import preprocess as prep
 from drkeras.data import records, synthetic
 from drkeras.evaluate import main
 from drkeras.export import ExportMismatch, export_model, load_exported, verify_export
-
-SIZE = 32
-PREPROCESS = {"fov_crop": True, "graham": False, "normalization": "unit"}
-RED_YELLOW = [("background", ()), ("red", ("MA", "HE")), ("yellow", ("EX", "SE"))]
-
-
-def _tiny_model():
-    """A few conv layers with a grading head and two segmentation heads (sigmoid, softmax)."""
-    x = keras.Input((SIZE, SIZE, 3), name=keys.IMAGE)
-    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="enc_conv1")(x)
-    h = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="enc_conv2")(h)
-    lesion = keras.layers.Conv2D(5, 1, activation="sigmoid", name=keys.LESION_PROBS)(h)
-    seg = keras.layers.Conv2D(3, 1, activation="softmax", name=keys.SEG_PROBS)(h)
-    pooled = keras.layers.GlobalAveragePooling2D(name="grade_pool")(h)
-    grade = keras.layers.Dense(5, activation="softmax", name=keys.GRADE_PROBS)(pooled)
-    outputs = {keys.GRADE_PROBS: grade, keys.LESION_PROBS: lesion, keys.SEG_PROBS: seg}
-    return keras.Model(x, outputs, name="tiny_joint")
+from tests.conftest import TINY_MODEL_SIZE as SIZE
+from tests.conftest import TINY_PREPROCESS as PREPROCESS
+from tests.conftest import TINY_RED_YELLOW as RED_YELLOW
+from tests.conftest import tiny_joint_model, write_synthetic_test_records
 
 
 def _fundus_batch(n=3, size=40):
@@ -46,7 +32,7 @@ def _fundus_batch(n=3, size=40):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     tf.keras.utils.set_random_seed(1)
-    model = _tiny_model()
+    model = tiny_joint_model()
     path = export_model(
         model,
         tmp_path_factory.mktemp("export") / "tiny",
@@ -139,7 +125,7 @@ def test_export_rejects_unknown_outputs_and_detects_mismatch(exported, tmp_path)
             channels={keys.SEG_PROBS: RED_YELLOW[:2]},
         )
     # A model that differs from the export (changed weights) fails the reload check.
-    other = _tiny_model()
+    other = tiny_joint_model()
     other.set_weights([w + 0.5 for w in model.get_weights()])
     report = verify_export(other, path, _fundus_batch(2))
     assert not report["ok"] and report["max_abs_diff"] > 1e-3
@@ -149,12 +135,12 @@ def test_export_rejects_unknown_outputs_and_detects_mismatch(exported, tmp_path)
 def test_export_raises_on_mismatch(tmp_path, monkeypatch):
     import drkeras.export as E
 
-    model = _tiny_model()
+    model = tiny_joint_model()
     real = E.verify_export
 
     def perturbed(m, path, sample, tolerance):
         # the exporter must act on a failed check: simulate a model changed after saving
-        shifted = _tiny_model()
+        shifted = tiny_joint_model()
         shifted.set_weights([w + 1.0 for w in m.get_weights()])
         return real(shifted, path, sample, tolerance=tolerance)
 
@@ -168,34 +154,6 @@ def test_export_raises_on_mismatch(tmp_path, monkeypatch):
             output_names=[keys.GRADE_PROBS],
             sample=_fundus_batch(2),
         )
-
-
-def _write_records(root):
-    """Six synthetic test examples: mixed sizes, one unknown grade, SE not annotated on one."""
-    with records.ShardWriter(root, "test", examples_per_shard=4) as writer:
-        for i in range(6):
-            f = synthetic.generate(20 + i, size=40, grade=i % 5, camera="canon" if i == 4 else None)
-            present = [True] * 5
-            masks = f.masks.copy()
-            if i == 2:
-                present[3] = False
-                masks[..., 3] = 0
-            writer.write(
-                records.encode_example(
-                    id=f"syn-{i}",
-                    dataset="synthetic",
-                    split="test",
-                    image=f.image,
-                    masks=masks,
-                    mask_present=present,
-                    grade=-1 if i == 5 else f.grade,
-                    dme=f.dme,
-                    lossless=True,
-                )
-            )
-    # The count a converter's manifest holds: evaluate checks the split against it.
-    (root / records.MANIFEST).write_text(json.dumps({"counts": {"test": writer.count}}))
-    return root
 
 
 def _offline_predictions(path, root):
@@ -215,7 +173,7 @@ def _offline_predictions(path, root):
 
 def test_evaluate_cli_matches_offline_metrics(exported, tmp_path, capsys):
     _, path = exported
-    root = _write_records(tmp_path / "records")
+    root = write_synthetic_test_records(tmp_path / "records")
     out = tmp_path / "eval"
     code = main(
         ["--model", str(path), "--data", str(root), "--split", "test", "--out", str(out)]
