@@ -353,3 +353,23 @@ def test_contact_sheet_renders_images_and_overlays(tmp_path):
     assert contact_sheet.main(["--out", str(out), "--size", "48", "--n", "3"]) == 0
     sheet = cv2.imread(str(out))
     assert sheet is not None and sheet.shape[0] > 200 and sheet.shape[1] > 400
+
+
+def test_messidor2_layout_converts_with_its_adjudicated_grades(tmp_path):
+    import data_prep
+    from drkeras.data import pipeline
+
+    raw = synthetic.write_layout(tmp_path / "raw", "messidor2", counts={"test": 10}, size=48)
+    rows = [line.split(",") for line in (raw / "messidor_data.csv").read_text().splitlines()]
+    assert rows[0] == [
+        "image_id", "adjudicated_dr_grade", "adjudicated_dme", "adjudicated_gradable"
+    ]  # fmt: skip
+    assert [r[3] for r in rows[1:]] == ["1"] * 9 + ["0"]  # the last one is ungradable
+    assert all((raw / "IMAGES" / r[0]).is_file() and r[0].endswith(".png") for r in rows[1:])
+    assert {int(r[1]) for r in rows[1:]} <= set(range(5)) and {r[2] for r in rows[1:]} <= {"0", "1"}
+    manifest = data_prep.convert("messidor2", raw, tmp_path / "records", quiet=True)
+    assert manifest["counts"] == {"test": 9}
+    assert manifest["skipped_by_kind"] == {"ungradable": 1}
+    labels = pipeline.read_labels(tmp_path / "records", "test")
+    expected = {f"messidor2-test-{r[0][:-4]}": int(r[1]) for r in rows[1:10]}
+    assert dict(zip(labels["id"], labels["grade"].tolist())) == expected

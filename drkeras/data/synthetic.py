@@ -815,7 +815,7 @@ def generate(
 # --------------------------------------------------------------------------------------------
 # On-disk layouts (docs/datasets.md)
 
-LAYOUTS = ("idrid", "eyepacs", "ddr", "messidor")
+LAYOUTS = ("idrid", "eyepacs", "ddr", "messidor", "messidor2")
 
 DEFAULT_COUNTS: Dict[str, Dict[str, int]] = {
     "idrid": {"seg_train": 8, "seg_test": 4, "grading_train": 15, "grading_test": 10},
@@ -829,6 +829,7 @@ DEFAULT_COUNTS: Dict[str, Dict[str, int]] = {
         "seg_test": 4,
     },
     "messidor": {"Base11": 8, "Base21": 8, "Base31": 8},
+    "messidor2": {"test": 20},
 }
 
 _IDRID_LESION_DIRS = (
@@ -1109,11 +1110,38 @@ def _write_messidor(root: pathlib.Path, counts, size, seed, label_noise) -> None
         book.save(str(folder / f"Annotation_{base}.xls"))
 
 
+def _write_messidor2(root: pathlib.Path, counts, size, seed, label_noise) -> None:
+    """Messidor-2: ``IMAGES/*.png`` and the adjudicated grades of ``messidor_data.csv``
+    (``image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable``; ICDRS 0-4, as
+    the other ICDRS layouts grade them). The last image of 10 or more is ungradable, as four
+    of the real set are (its row says so and the converter skips it)."""
+    rng = np.random.default_rng(_image_seed(seed, "messidor2"))
+    n = counts["test"]
+    serial = int(rng.integers(10000, 60000))
+    images = root / "IMAGES"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = ["image_id,adjudicated_dr_grade,adjudicated_dme,adjudicated_gradable"]
+    for i, grade in enumerate(_balanced(rng, n, range(keys.NUM_GRADES))):
+        name = f"20060523_{serial + i:05d}_0100_PP.png"
+        f = generate(
+            _image_seed(seed, "messidor2", i),
+            size=size,
+            grade=int(grade),
+            camera="topcon",
+            label_noise=label_noise,
+        )
+        Image.fromarray(f.image).save(images / name)
+        gradable = 0 if n >= 10 and i == n - 1 else 1
+        lines.append(f"{name},{f.grade},{int(f.dme > 0)},{gradable}")
+    _write_text(root / "messidor_data.csv", "\n".join(lines) + "\n")
+
+
 _WRITERS = {
     "idrid": _write_idrid,
     "eyepacs": _write_eyepacs,
     "ddr": _write_ddr,
     "messidor": _write_messidor,
+    "messidor2": _write_messidor2,
 }
 
 
@@ -1144,6 +1172,8 @@ def write_layout(
       ``label/{EX,HE,MA,SE}/`` (``segmentation label/`` for ``valid``).
     - ``messidor``: ``BaseXY/`` folders of TIFF images and ``Annotation_BaseXY.xls`` (sheet
       ``Feuil1``; Messidor 0-3 grade from :func:`messidor_grade`, macular-oedema risk 0-2).
+    - ``messidor2``: ``IMAGES/*.png`` and ``messidor_data.csv`` (adjudicated ICDRS grade, DME
+      0/1, gradable 0/1; one ungradable image when there are 10 or more).
 
     Args:
         out_dir: dataset root to create.
