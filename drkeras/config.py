@@ -37,8 +37,12 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "TrainConfig",
+    "MINI_CHANGE_KINDS",
+    "PresetChange",
     "apply_overrides",
     "config_to_dict",
+    "derive_preset",
+    "preset_differences",
     "resolve_preset",
     "save_config",
 ]
@@ -360,6 +364,62 @@ def resolve_preset(presets: Mapping[str, Config], name: str, overrides: Sequence
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; this experiment has: {', '.join(presets)}")
     return apply_overrides(presets[name], overrides)
+
+
+# What a ``mini`` preset may change from its experiment's ``paper`` preset, by kind: it keeps the
+# paper's topology, losses, update rules, optimizers and batch sizes, and only scales the run
+# down to a CPU. Each experiment's ``MINI_CHANGES`` names every changed key with its kind and why;
+# ``tests/test_config.py`` checks that nothing else differs.
+MINI_CHANGE_KINDS = {
+    "width": "narrower networks: a filter multiplier, or the smaller member of the same family",
+    "resolution": "smaller images, crops and patches",
+    "steps": "fewer epochs, steps, runs or folds, or fewer images per epoch",
+    "rate": "a learning rate (or its schedule) scaled to the far shorter training",
+    "offline": "random initialisation instead of ImageNet files (none can be downloaded here)",
+    "stand-in": "another dataset or split where the paper's has no synthetic layout",
+    "data": "more synthetic images per split (the generator's lesions and grade rules unchanged)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetChange:
+    """One documented difference of a derived preset: ``kind`` (a key of
+    :data:`MINI_CHANGE_KINDS`), the ``value`` as ``--set`` would write it, and ``why``."""
+
+    kind: str
+    value: str
+    why: str
+
+    def __post_init__(self):
+        if self.kind not in MINI_CHANGE_KINDS:
+            raise ConfigError(
+                f"preset change kind {self.kind!r}: expected one of {sorted(MINI_CHANGE_KINDS)}"
+            )
+
+
+def derive_preset(base: Config, changes: Mapping[str, PresetChange]) -> Config:
+    """``base`` with every change applied (``{key: PresetChange}``), as ``--set`` would."""
+    return apply_overrides(base, [f"{key}={change.value}" for key, change in changes.items()])
+
+
+def _value_at(config: Any, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part] if isinstance(node, Mapping) else getattr(node, part)
+    return node
+
+
+def preset_differences(a: Config, b: Config) -> dict:
+    """``{key: (value in a, value in b)}`` for every leaf key whose values differ (a key only
+    one of them has, e.g. an optimizer of one preset only, maps to ``None`` on the other side)."""
+    keys_a, keys_b = _keys_of(a), _keys_of(b)
+    out = {}
+    for key in keys_a + [k for k in keys_b if k not in keys_a]:
+        va = _value_at(a, key) if key in keys_a else None
+        vb = _value_at(b, key) if key in keys_b else None
+        if va != vb:
+            out[key] = (va, vb)
+    return out
 
 
 def config_to_dict(config: Any) -> Any:

@@ -15,6 +15,12 @@ converted, ten training stages at 64 px and eighth width, 32 / 24 / 16 steps per
 eagerly, two exports); paper, GPU days (640 x 640 inputs, 60 + 30 pre-training epochs and 50
 fine-tuning epochs per image-level dataset; not run here).
 
+Mini preset (``--preset mini``): the paper preset scaled to learn the synthetic benchmark on a
+CPU; every key it changes, with its kind and why, is in ``MINI_CHANGES`` (128 px, quarter width,
+the published IDRiD segmentation counts, 150 generator / 80 grader pre-training steps and 50
+steps per stage-2 row, batch norm momentum 0.9, Adam 1e-3). Not yet measured end to end (from
+per-step timings, about 15 minutes on 2 quiet CPU cores).
+
 Expected result: smoke, every row of Tables 1-3 filled beside the paper's numbers,
 ``fig4_comparison.png``, ``fig5_roc_pr.png``, ``training_curves.png``, and
 ``export/collaborative_generator`` and ``export/collaborative_grader`` (reload-checked). Smoke
@@ -81,7 +87,15 @@ import tensorflow as tf
 from tensorflow import keras
 
 from drkeras import keys, losses, metrics
-from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from drkeras.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PresetChange,
+    TrainConfig,
+    derive_preset,
+)
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
@@ -197,6 +211,35 @@ SMOKE = Config(
     optimizers={"generator": _SMOKE_ADAM, "discriminator": _SMOKE_ADAM, "grader": _SMOKE_ADAM},
     train=TrainConfig(epochs=2, steps_per_epoch=8, verbose=2, keep_checkpoints="none"),
 )
+
+# Learns the synthetic benchmark on 2 CPU cores: the paper's networks, stages, losses, batches
+# and optimizers at 128 px and quarter width, with fewer steps and larger rates.
+MINI_CHANGES = {
+    "data.image_size": PresetChange("resolution", "128", "640 px -> 128 px"),
+    "model.width": PresetChange("width", "0.25", "quarter-width G, D and graders"),
+    "data.synthetic_scale": PresetChange(
+        "data", "6.75", "the published IDRiD segmentation counts, 54 train / 27 test"
+    ),
+    "train.steps_per_epoch": PresetChange(
+        "steps", "10", "10-step epochs: the same steps for IDRiD and EyePACS"
+    ),
+    "method.pretrain_seg_epochs": PresetChange("steps", "15", "CE1, CE2: 150 steps of batch 32"),
+    "method.pretrain_grade_epochs": PresetChange("steps", "8", "Ori: 80 steps of batch 128"),
+    "train.epochs": PresetChange("steps", "5", "Lesion rows (stage 2): 50 steps of batch 16"),
+    "method.bn_momentum": PresetChange(
+        "rate", "0.9", "0.99 would keep 22-60% of the initial statistics after 150-50 steps"
+    ),
+    "optimizers.generator.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 2e-4: 200 steps, not thousands"
+    ),
+    "optimizers.discriminator.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 2e-4, as G"
+    ),
+    "optimizers.grader.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 2e-4: 130 steps, not thousands"
+    ),
+}
+MINI = derive_preset(PAPER, MINI_CHANGES)
 
 # Section 4.1: "horizontal flips, vertical flips and rotations" and nothing else (Fig. 2: "flip
 # and rotation"). The rotation range is not given: a multiple of 90 degrees plus a uniform
@@ -1090,7 +1133,7 @@ class Collaborative(Experiment):
 
     name = "collaborative"
     title = "Collaborative semi-supervised lesion segmentation and DR grading (Zhou et al. 2019)"
-    presets = {"smoke": SMOKE, "paper": PAPER}
+    presets = {"smoke": SMOKE, "mini": MINI, "paper": PAPER}
 
     def pretrained_weights(self, config: Config) -> list:
         """None: Zhou et al.'s networks train from scratch (``model.encoder_weights`` other than

@@ -23,6 +23,15 @@ the background's IoU ~98 % averaged with four lesion classes at 0), lesion mIoU 
 grading is at chance (top-1 15-25 % on 20 test images). The paper preset on the real data should
 approach Table I (JointSeg mIoU 66.1) and Table III (top-1 85.1 %).
 
+Mini preset (``--preset mini``): the paper preset at quarter width (every network but the
+``keras.applications`` graders, which have no width) and 128 px crops of 146 px images, with
+the paper's batches (2 segmentation / 64 classification images), 30x learning-rate ratio and
+Nesterov polynomial SGD, 60 graph-mode steps per network, on the published IDRiD-S counts; every
+changed key, with its kind and why, is in ``MINI_CHANGES``. Not yet measured end to end; from
+per-step times of each network (about 25 CPU-seconds per step over the ten networks, 58 % of it
+VGG-19) about 15-19 minutes on 2 quiet CPU cores. Sixty steps show 120 segmentation images to
+JointSeg: expect grading above chance sooner than lesion masks.
+
 What runs, ``train.runs`` times (seeds ``seed, seed + 1, ...``), every network at
 ``train.epochs`` x ``train.steps_per_epoch`` steps:
 
@@ -84,7 +93,9 @@ from drkeras.config import (
     DataConfig,
     ModelConfig,
     OptimizerConfig,
+    PresetChange,
     TrainConfig,
+    derive_preset,
 )
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess, records
@@ -104,6 +115,8 @@ from drkeras.training.optim import build_optimizer
 
 __all__ = [
     "JointSegExperiment",
+    "MINI",
+    "MINI_CHANGES",
     "Method",
     "PAPER",
     "PAPER_TABLE1",
@@ -265,6 +278,34 @@ SMOKE = Config(
     optimizers={"segmentation": dataclasses.replace(_NESTEROV_POLY, learning_rate=3e-3)},
     train=TrainConfig(epochs=1, steps_per_epoch=30, runs=1, verbose=2, keep_checkpoints="none"),
 )
+
+# The paper's topology and algorithm at quarter width and 128 px (``--preset mini``): every key
+# it changes from PAPER, with its kind and why. Batches (2 / 64), the 30x learning-rate ratio,
+# Nesterov SGD with the polynomial policy and the graph-mode training are the paper preset's.
+MINI_CHANGES = {
+    "data.image_size": PresetChange(
+        "resolution", "128", "224 px crops -> 128 px (a multiple of 32, >= 75 for InceptionV3)"
+    ),
+    "method.resize_size": PresetChange(
+        "resolution", "146", "256 px -> 146 px: the paper's crop ratio 224 / 256 kept"
+    ),
+    "model.width": PresetChange("width", "0.25", "quarter-width FCN-8s VGG16 encoder and fc6/fc7"),
+    "method.encoder_widths": PresetChange(
+        "width", "8,16,32,64", "quarter-width shared encoder (also the UNet baseline's)"
+    ),
+    "method.classifier_widths": PresetChange("width", "64,128", "quarter-width classifier agent"),
+    "data.synthetic_scale": PresetChange(
+        "data", "6.75", "IDRiD-S 54 train / 27 test, EyePACS 135 train / 136 test images"
+    ),
+    "train.epochs": PresetChange("steps", "4", "4 epochs of 15 steps per network"),
+    "train.steps_per_epoch": PresetChange(
+        "steps", "15", "60 steps: full-width VGG-19 at batch 64 costs ~8 s a step on 2 cores"
+    ),
+    "optimizers.segmentation.learning_rate": PresetChange(
+        "rate", "0.003", "3e-3 for 1e-3 (classifier 9e-2, ratio 30 kept): 60 steps"
+    ),
+}
+MINI = derive_preset(PAPER, MINI_CHANGES)
 
 
 # ------------------------------------------------------------------------------ partial labels
@@ -1209,7 +1250,7 @@ class JointSegExperiment(Experiment):
 
     name = "cooperative"
     title = "JointSeg: cooperative joint segmentation and classification learning"
-    presets = {"smoke": SMOKE, "paper": PAPER}
+    presets = {"smoke": SMOKE, "mini": MINI, "paper": PAPER}
 
     def pretrained_weights(self, config: Config) -> list:
         """The ImageNet files of the Tables III-IV graders when ``model.encoder_weights`` asks

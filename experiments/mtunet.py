@@ -25,6 +25,11 @@ network but UNet (0.4 %). Unweighted Eq. (1) on 96-px images with lesions of a f
 far more steps than a CPU budget allows. The paper preset on the real data should approach
 Tables 1-4 (MTUnet: Dice 75.2 / 84.3 red / yellow, ROC 84-99 % per grade on IDRiD-D).
 
+Mini preset (``--preset mini``): the paper preset scaled to learn the synthetic benchmark on a
+CPU; every key it changes, with its kind and why, is in ``MINI_CHANGES`` (128 px, quarter width,
+the smaller grader and encoder families, random initialisation, the published IDRiD-S counts,
+40 + 12 epochs, one run, Adam 1e-3).
+
 What runs, ``train.runs`` times (seeds ``seed, seed + 1, ...``), every network from scratch:
 
 1. Fig. 7, the semi-supervised process. (a) The initial segmenter, MTUnet's VGG16-UNet without
@@ -51,8 +56,8 @@ What runs, ``train.runs`` times (seeds ``seed, seed + 1, ...``), every network f
    balanced EyePACS set (the same images, augmentations and steps as 1(c)) and the Table 1
    variant C (MTUnet); one-vs-rest ROC AUC per grade on IDRiD-D test (Table 3) and on the
    external set (Table 4). SiDRP14-15 is private; ``method.external`` names the converted
-   dataset used instead: Messidor-2 (ICDRS grades, adjudicated) in the paper preset, DDR's test
-   split in smoke (Messidor-2 has no synthetic layout).
+   dataset used instead: Messidor-2 (ICDRS grades, adjudicated) in the paper and mini presets,
+   DDR's test split in smoke (fewer images to generate).
 5. Fig. 6: image, ground truth and every Table 2 network's prediction on IDRiD-S test images
    (red lesions red, yellow lesions yellow, optic disc purple); ``export/mtunet``: the run-0
    MTUnet as a SavedModel (``grade_probs``, ``seg_probs``) with its reload check.
@@ -105,12 +110,15 @@ import tensorflow as tf
 from tensorflow import keras
 
 from drkeras import keys, metrics
+from drkeras.claims import Claim
 from drkeras.config import (
     Config,
     DataConfig,
     ModelConfig,
     OptimizerConfig,
+    PresetChange,
     TrainConfig,
+    derive_preset,
 )
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess
@@ -291,7 +299,7 @@ class Method:
         max_per_grade: cap on images per grade after balancing (0: the paper's rule only, the
             count of the rarest grade, 1,914 on EyePACS).
         external: the converted dataset standing in for the private SiDRP14-15 (Table 4): an
-            ICDRS-graded set, ``messidor2`` (paper preset) or ``ddr`` (synthetic layouts).
+            ICDRS-graded set, ``messidor2`` (paper and mini presets) or ``ddr`` (smoke).
         external_split: its split used as the test set.
         graders: registry names (:data:`drkeras.models.baselines.GRADERS`, or ``vgg16``) of
             the four grader rows, in the order of :data:`GRADER_ROWS`; a name the paper's row
@@ -358,6 +366,63 @@ SMOKE = Config(
     train=TrainConfig(epochs=1, runs=2, verbose=2, keep_checkpoints="none"),
 )
 
+# The paper's topology and algorithm, scaled to learn the synthetic benchmark on 2 CPU cores
+# (``--preset mini``; make evidence): every key it changes from PAPER, with its kind and why.
+MINI_CHANGES = {
+    "data.image_size": PresetChange("resolution", "128", "512 px -> 128 px (a multiple of 32)"),
+    "model.width": PresetChange("width", "0.25", "quarter-width VGG16-UNets and decoders"),
+    "method.graders": PresetChange(
+        "width",
+        "nasnet_mobile,densenet201,resnext50,inception_resnet_v2",
+        "NASNet-Mobile for NASNet-Large and ResNeXt-50 for ResNeXt-101, the smaller members of "
+        "their families (either large one alone would take the CPU budget); titles say so",
+    ),
+    "method.segmenter_backbone": PresetChange(
+        "width", "resnet18", "Table 2's UNet / LinkNet / FPN encoders: ResNet-18 for VGG16"
+    ),
+    "method.deeplab_backbone": PresetChange(
+        "width", "resnet18_v2", "Table 2's DeepLab encoder: ResNet-18 V2 for ResNet-50 V2"
+    ),
+    "model.encoder_weights": PresetChange(
+        "offline", "none", "random initialisation: no ImageNet files can be downloaded here"
+    ),
+    "data.synthetic_scale": PresetChange(
+        "data", "6.75", "the published IDRiD-S counts, 54 train / 27 test (default 8 / 4)"
+    ),
+    "method.seg_epochs": PresetChange("steps", "40", "IDRiD-S trainings: 40 epochs of 7 steps"),
+    "train.epochs": PresetChange("steps", "12", "EyePACS stage: 12 epochs"),
+    "train.runs": PresetChange("steps", "1", "one run (make evidence repeats it over seeds)"),
+    "optimizers.model.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 1e-5: a few hundred steps from random weights"
+    ),
+}
+MINI = derive_preset(PAPER, MINI_CHANGES)
+
+# The paper's directional claims (drkeras.claims; make evidence checks them over seeds).
+CLAIMS = (
+    *(
+        Claim("Table 1", "variant C outperforms A and B", "table1", column, "Variant C",
+              ("Variant A", "Variant B"))
+        for column in (DICE, ROC)
+    ),
+    *(
+        Claim("Table 2", "MTUnet outperforms every other network", "table2", column,
+              MTUNET_T2_ROW, tuple(SEGMENTER_ROWS))
+        for column in (RED, YELLOW)
+    ),
+    *(
+        Claim("Table 2 (text)", "grading as an auxiliary task sharpens segmentation: MTUnet "
+              "above its own architecture trained single-task", "table2", column,
+              MTUNET_T2_ROW, (SINGLE_TASK_ROW,))
+        for column in (RED, YELLOW)
+    ),
+    *(
+        Claim(f"Table {n}", "MTUnet scores higher for all severity levels", f"table{n}", column,
+              MTUNET_GRADING_ROW, GRADER_ROWS)
+        for n in (3, 4)
+        for column in GRADE_COLUMNS
+    ),
+)  # fmt: skip
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -1763,7 +1828,7 @@ class MTUnetExperiment(Experiment):
 
     name = "mtunet"
     title = "MTUnet: multi-task DR grading and lesion segmentation (Foo et al. 2020)"
-    presets = {"smoke": SMOKE, "paper": PAPER}
+    presets = {"smoke": SMOKE, "mini": MINI, "paper": PAPER}
 
     def pretrained_weights(self, config: Config) -> list:
         """The ImageNet files of ``config`` (``model.encoder_weights``): the VGG16 encoder of

@@ -16,6 +16,14 @@ full-width ResNeXt graders); paper, GPU days
 (four graders per dataset, then 9 (IDRiD) and 6 (DDR) pixel-level rows per fold, each 100
 epochs at 1024 x 1024, five folds; not run here).
 
+Mini preset (``--preset mini``): the paper's networks, losses and bilevel algorithm scaled to
+learn the synthetic benchmark on a CPU; every key it changes, with its kind and why, is in
+``MINI_CHANGES`` (IDRiD only, the official split, 128 px, quarter-width VGG16-UNets, NASNet-Mobile
+and ResNet-18 encoders for the larger baselines, random initialisation, the published IDRiD-S
+counts, 6 epochs for the 9 pixel-level rows and 2 for the 4 graders, Adam 1e-3). Runtime not
+yet measured end to end: about 14-21 minutes on 2 quiet CPU cores estimated from per-step
+timings, most of it tracing the ResNeXt graphs (graders and stage-1 Grad-CAM).
+
 Expected result: smoke, every row of Tables 1-3 filled beside the paper's numbers, Fig. 6
 (``fig6_cams.png``), overlays, training curves and ``export/pldmlt``. The numbers are those of
 3 training steps on synthetic images, not the paper's: 5-class mDice about 5-20 % (a network that
@@ -94,7 +102,15 @@ from tensorflow import keras
 
 from drkeras import keys, losses, metrics
 from drkeras.cam_figure import plot_class_cams
-from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from drkeras.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PresetChange,
+    TrainConfig,
+    derive_preset,
+)
 from drkeras.data import augment as aug
 from drkeras.data import pipeline, preprocess, records
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
@@ -151,6 +167,9 @@ class Method:
             not say which; smoke uses the mobile one).
         unet_backbone, linknet_backbone, deeplab_backbone, fpn_backbone: baseline encoders of
             Tables 1-2 (VGG16, ResNet-18, ResNet-50; the FPN's "ResNet" depth is not given).
+        grader_epochs: epochs of the grader stages (stage 1's ResNeXts, NASNet, DenseNet-201),
+            which train on the grading set, not on the pixel-level images; 0 = ``train.epochs``
+            (the paper gives no grader schedule).
         label_widths, label_hidden: the label update network (Fig. 5 is not in our copy; see
             :func:`drkeras.models.pldmlt.build_label_update_net`).
         label_smoothing: its starting point, the stage-1 pseudo grade label-smoothed by this
@@ -189,6 +208,7 @@ class Method:
     linknet_backbone: str = "resnet18"
     deeplab_backbone: str = "resnet50_v2"
     fpn_backbone: str = "resnet50"
+    grader_epochs: int = 0
     label_widths: Tuple[int, ...] = (16, 32, 64)
     label_hidden: int = 64
     label_smoothing: float = DEFAULT_SMOOTHING
@@ -266,6 +286,42 @@ SMOKE = Config(
         epochs=1, steps_per_epoch=3, folds=1, runs=1, verbose=2, keep_checkpoints="none"
     ),
 )
+
+# The paper's topology and algorithm, scaled to learn the synthetic benchmark on 2 CPU cores
+# (``--preset mini``; make evidence): every key it changes from PAPER, with its kind and why.
+MINI_CHANGES = {
+    "method.datasets": PresetChange("steps", "idrid", "IDRiD only, as the issue allows"),
+    "train.folds": PresetChange("steps", "1", "the official IDRiD-S split, not five folds"),
+    "data.image_size": PresetChange("resolution", "128", "1024 px -> 128 px (a multiple of 32)"),
+    "model.width": PresetChange("width", "0.25", "quarter-width VGG16-UNets and decoders"),
+    "method.nasnet": PresetChange("width", "nasnet_mobile", "NASNet-Mobile for NASNet-Large"),
+    "method.unet_backbone": PresetChange(
+        "width", "resnet18", "UNet encoder: ResNet-18 for a full-width VGG16 (5x our UNet's cost)"
+    ),
+    "method.deeplab_backbone": PresetChange(
+        "width", "resnet18_v2", "DeepLabv3+ encoder: ResNet-18 V2 for ResNet-50 V2"
+    ),
+    "method.fpn_backbone": PresetChange(
+        "width", "resnet18", "FPN encoder: ResNet-18 for ResNet-50"
+    ),
+    "model.encoder_weights": PresetChange(
+        "offline", "none", "random initialisation: no ImageNet files can be downloaded here"
+    ),
+    "data.synthetic_scale": PresetChange(
+        "data", "6.75", "the published IDRiD-S counts, 54 train / 27 test (default 8 / 4)"
+    ),
+    "train.epochs": PresetChange("steps", "6", "pixel-level rows: 6 epochs of 27 steps"),
+    "method.grader_epochs": PresetChange(
+        "steps", "2", "graders (ResNeXts, NASNet, DenseNet): 2 epochs of 51 steps"
+    ),
+    "optimizers.model.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 5e-5: a few hundred steps from random weights"
+    ),
+    "optimizers.label.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 5e-5, the model's rate as in PAPER"
+    ),
+}
+MINI = derive_preset(PAPER, MINI_CHANGES)
 
 # ------------------------------------------------------------------------------ paper numbers
 
@@ -1157,8 +1213,14 @@ class _Run:
 
     # -------------------------------------------------------------------------- training
 
-    def _fit(self, model, data, stage: str, count: int):
-        return self.ctx.fit(model, data, stage=stage, steps_per_epoch=self._steps(count))
+    def _fit(self, model, data, stage: str, count: int, epochs: Optional[int] = None):
+        return self.ctx.fit(
+            model, data, stage=stage, epochs=epochs, steps_per_epoch=self._steps(count)
+        )
+
+    def _grader_epochs(self) -> int:
+        """Epochs of a grader stage: ``method.grader_epochs``, or ``train.epochs`` at 0."""
+        return int(self.method.grader_epochs or self.config.train.epochs)
 
     def train_grader(self, arch: str, records_dir, stage: str, seed: int, data=None) -> keras.Model:
         """Train one grader on the grading set's training split (``data``: its declared
@@ -1174,7 +1236,8 @@ class _Run:
             data = self._grading_data(
                 records_dir, "train", training=True, mode=self._scaling(arch), seed=seed
             )
-        self._fit(model, data, stage, self._grading_count(records_dir, "train"))
+        count = self._grading_count(records_dir, "train")
+        self._fit(model, data, stage, count, epochs=self._grader_epochs())
         return model
 
     def train_pixel_model(
@@ -1550,7 +1613,7 @@ class _Run:
             nets=[self._grader_net(arch)],
             data=[train, test],
             steps=self._steps(train.examples),
-            epochs=self.config.train.epochs,
+            epochs=self._grader_epochs(),
             batch=self.batch,
             group=f"{dataset}_{arch}",
         )
@@ -1764,7 +1827,7 @@ class PLDMLT(Experiment):
 
     name = "pldmlt"
     title = "PLDMLT: pixel-level labelled images for multi-task DR grading and segmentation"
-    presets = {"smoke": SMOKE, "paper": PAPER}
+    presets = {"smoke": SMOKE, "mini": MINI, "paper": PAPER}
 
     def pretrained_weights(self, config: Config) -> list:
         """The ImageNet files of ``config`` (``model.encoder_weights``): the stage-1 ResNeXts,

@@ -16,6 +16,14 @@ cohort of 26 images at 256 px split 16 / 5 / 5; 2 label columns x 2 samplings x 
 eager steps each, plus the exports). Paper: GPU days (5 columns x 5 samplings of 1200 SSL-GAN epochs
 of ~95 steps of 100 patches, plus the baselines with early stopping; not run here).
 
+Mini preset (``--preset mini``): the paper preset scaled to learn the synthetic cohort on a CPU;
+every key it changes, with its kind and why, is in ``MINI_CHANGES`` (256 px images, i.e. the
+paper's 32 px patches, 81 DR + 35 healthy synthetic images, eighth-width SSL-GAN and ConvNet,
+one sampling of each of the 5 label columns, 6 SSL-GAN epochs at Adam 1e-3 with a 0.99 weight
+average, 3 baseline epochs at Adam 1e-3, Table 7 at 128 px without ImageNet weights): 26
+stages. Runtime not yet measured end to end (per-step timings suggest about 15 minutes on 2
+quiet cores).
+
 Expected result: smoke, every cell of Tables 1, 2 and 7 filled (mean ± std over 2 samplings)
 beside the paper's numbers, the localisation and threshold tables, ``fig2_patch_scores_*.png``,
 ``training_curves.png``, ``export/ssl_gan`` (image-level scoring of photographs) and
@@ -99,7 +107,15 @@ import tensorflow as tf
 from tensorflow import keras
 
 from drkeras import keys, metrics
-from drkeras.config import Config, DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from drkeras.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    PresetChange,
+    TrainConfig,
+    derive_preset,
+)
 from drkeras.data import patches as patch_ops
 from drkeras.data import pipeline
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
@@ -258,6 +274,48 @@ SMOKE = Config(
         epochs=2, steps_per_epoch=6, verbose=2, checkpoint_steps=0, keep_checkpoints="none"
     ),
 )
+
+# The paper's networks, losses, update rules and batch sizes, scaled to learn the synthetic
+# cohort on 2 CPU cores: one sampling of every cell of Tables 1, 2 and 7.
+MINI_CHANGES = {
+    "data.image_size": PresetChange(
+        "resolution", "256", "1024 -> 256 px: 32 px cells, the paper's 32 px patches unchanged"
+    ),
+    "data.synthetic_size": PresetChange(
+        "resolution", "256", "synthetic photographs drawn at the working size (default 128)"
+    ),
+    "data.synthetic_scale": PresetChange(
+        "data", "6.75", "81 DR (the published IDRiD count) + 35 healthy: cohorts 70 / 23 / 23"
+    ),
+    "model.width": PresetChange(
+        "width", "0.125", "eighth-width discriminator, ConvNet and generator"
+    ),
+    "method.samplings": PresetChange("steps", "1", "one sampling per label column"),
+    "method.direct_image_size": PresetChange(
+        "resolution", "128", "Table 7's whole images at 128 px (256 in the paper)"
+    ),
+    "method.pretrained_weights": PresetChange(
+        "offline", "none", "no ImageNet ResNet50 file can be downloaded here; the title says so"
+    ),
+    "train.epochs": PresetChange("steps", "6", "SSL-GAN: 6 epochs of 45 steps (1200 of ~95)"),
+    "method.lr_decay_start_epoch": PresetChange(
+        "rate", "5", "linear decay over the last sixth, as 1000 of 1200"
+    ),
+    "method.ema_decay": PresetChange(
+        "rate", "0.99", "a 100-step average: at 0.999 the weights of 270 steps are 76 % init"
+    ),
+    "optimizers.discriminator.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 3e-4: 270 steps instead of ~114,000"
+    ),
+    "optimizers.generator.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 3e-4, as the discriminator"
+    ),
+    "method.baseline_epochs": PresetChange("steps", "3", "baselines: 3 passes over the labels"),
+    "optimizers.baseline.learning_rate": PresetChange(
+        "rate", "0.001", "Adam 1e-3 for 1e-5: tens to hundreds of steps from random weights"
+    ),
+}
+MINI = derive_preset(PAPER, MINI_CHANGES)
 
 # ------------------------------------------------------------------------------ paper numbers
 
@@ -1378,7 +1436,7 @@ class SSLGAN(Experiment):
 
     name = "ssl_gan"
     title = "Patch-based semi-supervised GAN for DR abnormality classification (Lecouat 2018)"
-    presets = {"smoke": SMOKE, "paper": PAPER}
+    presets = {"smoke": SMOKE, "mini": MINI, "paper": PAPER}
 
     def pretrained_weights(self, config: Config) -> list:
         """The pretrained files ``config`` loads (the ResNet34 patch baseline's and Table 7's

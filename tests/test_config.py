@@ -9,8 +9,11 @@ from drkeras.config import (
     Config,
     ConfigError,
     OptimizerConfig,
+    PresetChange,
     apply_overrides,
     config_to_dict,
+    derive_preset,
+    preset_differences,
     resolve_preset,
     save_config,
 )
@@ -118,3 +121,50 @@ def test_saved_config_is_the_resolved_one(tmp_path):
     assert saved["data"]["batch_size"] == 8
     assert saved["optimizers"]["model"]["learning_rate"] == 5e-5
     assert list(saved) == ["method", "data", "model", "optimizers", "train", "distribute", "seed"]
+
+
+def test_preset_differences_and_derived_presets():
+    changes = {
+        "data.image_size": PresetChange("resolution", "32", "smaller"),
+        "optimizers.label.learning_rate": PresetChange("rate", "0.01", "shorter"),
+        "method.lesions": PresetChange("stand-in", "MA", "one lesion"),
+    }
+    derived = derive_preset(BASE, changes)
+    assert preset_differences(BASE, derived) == {
+        "data.image_size": (64, 32),
+        "optimizers.label.learning_rate": (1e-4, 0.01),
+        "method.lesions": (("MA", "HE"), ("MA",)),
+    }
+    assert preset_differences(derived, derived) == {}
+    only_model = dataclasses.replace(BASE, optimizers={"model": BASE.optimizers["model"]})
+    assert preset_differences(only_model, BASE)["optimizers.label.name"] == (None, "adam")
+    with pytest.raises(ConfigError, match="preset change kind 'speed'"):
+        PresetChange("speed", "1", "faster")
+
+
+@pytest.mark.parametrize("paper", ["mtunet", "pldmlt", "collaborative", "ssl_gan", "cooperative"])
+def test_mini_preset_differs_from_paper_only_in_its_documented_keys(paper):
+    import importlib
+
+    module = importlib.import_module(f"experiments.{paper}")
+    experiment = next(
+        v
+        for v in vars(module).values()
+        if isinstance(v, type)
+        and getattr(v, "presets", None) is not None
+        and v.__module__ == module.__name__
+    )
+    presets = experiment.presets
+    assert list(presets) == ["smoke", "mini", "paper"]
+    mini = resolve_preset(presets, "mini")
+    differences = preset_differences(presets["paper"], mini)
+    # every documented change takes effect and nothing undocumented differs
+    assert sorted(differences) == sorted(module.MINI_CHANGES)
+    for key, change in module.MINI_CHANGES.items():
+        assert change.why.strip(), key
+        assert apply_overrides(presets["paper"], [f"{key}={change.value}"]) != presets["paper"]
+    # the mini preset never changes the losses, the batch sizes or the optimizer kinds
+    kinds = {change.kind for change in module.MINI_CHANGES.values()}
+    assert kinds <= {"width", "resolution", "steps", "rate", "offline", "stand-in", "data"}
+    assert not any(key.startswith("data.batch_size") for key in differences)
+    assert not any(key.endswith((".name", ".beta_1", ".beta_2")) for key in differences)
