@@ -613,7 +613,6 @@ def plan_run(
             max(1, math.ceil(stage.batch / max(1, machine.replicas))) if stage.batch else 1
         )
         weights = grads = slots = acts = flops = 0
-        examples = 0  # examples through the networks per replica and step
         for net in stage.nets:
             fig = figures[net.name]
             net_batch = (
@@ -629,7 +628,6 @@ def plan_run(
             # train runs its networks one after the other
             acts = acts + net_acts if stage.steps else max(acts, net_acts)
             flops += fig.forward_flops * net_batch
-            examples = max(examples, net_batch)
             if net.trainable and stage.steps:
                 grads += 4 * fig.trainable
                 slots += 4 * fig.trainable * OPTIMIZER_SLOTS.get(net.optimizer, 2)
@@ -664,7 +662,10 @@ def plan_run(
                     **({} if machine.accelerator_bytes else {"training_on_cpu": _gb(device)}),
                 },
                 "accelerator_gb_per_replica": _gb(device),
-                "activation_mb_per_example": round(acts / max(1, examples) / 2**20, 1),
+                # per example of the stage's per-replica batch (the unit a dry run varies): a
+                # network fed more images per example (JointSeg's classification batch) counts
+                # them all
+                "activation_mb_per_example": round(acts / per_replica / 2**20, 1),
                 "accelerator_parts_gb": {
                     "weights": _gb(weights),
                     "gradients": _gb(grads),

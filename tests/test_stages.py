@@ -194,6 +194,14 @@ def test_plan_by_hand(tmp_path):
     peak = staging.ACCELERATORS["a100-40gb"]["float32"] * 1e12 * staging.UTILISATION
     assert row["seconds_per_epoch"] == round(3 * 10**9 * 4 / peak * 7, 1)
 
+    # a shared encoder fed 2 segmentation + 64 classification images per step at batch 2: its
+    # activations count all 66 images, per example of the stage's batch (the unit dry runs vary)
+    joint = [Stage("joint", run=len, nets=[Net("n", build=None, batch=66)], steps=1, batch=2)]
+    row = staging.plan_run(joint, {"n": net}, {}, _machine(replicas=1))["stages"][0]
+    acts = int(4 * 5000 * 66 * staging.BACKWARD_OVERHEAD)
+    assert row["accelerator_parts_gb"]["activations"] == round(acts / staging.GB, 3)
+    assert row["activation_mb_per_example"] == round(acts / 2 / MB, 1)
+
 
 def test_plan_refuses_caches_over_budget_and_names_stage_and_setting(tmp_path):
     stages = _three_stages()
