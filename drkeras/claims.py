@@ -12,7 +12,8 @@ compares the rows seed by seed:
   opposite one;
 - the verdict: ``holds`` when the claimed direction has p < ``alpha`` (0.05), ``reversed`` when
   the opposite one has, ``not shown`` otherwise (also when fewer than two seeds have both
-  values). When every seed gives the same non-zero difference the t statistic is undefined; the
+  values); ``no values`` when no run has one of the two rows (a row the preset does not
+  run). When every seed gives the same non-zero difference the t statistic is undefined; the
   direction is then taken as shown (p reported as 0).
 
 Three seeds give a paired t-test two degrees of freedom: a claim "holds" only when its three
@@ -38,7 +39,7 @@ import numpy as np
 
 __all__ = ["Claim", "check_claims", "claims_markdown", "main", "read_cells"]
 
-VERDICTS = ("holds", "not shown", "reversed")
+VERDICTS = ("holds", "not shown", "reversed", "no values")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +132,10 @@ def check_claims(claims: Sequence[Claim], run_dirs: Sequence, *, alpha: float = 
                 "p_opposite": None,
                 "verdict": "not shown",
             }
-            if len(pairs) >= 2:
+            if not any(v is not None for v in a) or not any(v is not None for v in b):
+                # a misspelt row, or a row this preset does not run: shown, never hidden
+                entry["verdict"] = "no values"
+            elif len(pairs) >= 2:
                 sign = -1.0 if claim.lower_is_better else 1.0
                 diff = sign * np.array([x - y for x, y in pairs], dtype=np.float64)
                 p_claimed, p_opposite = _one_sided_p(diff), _one_sided_p(-diff)

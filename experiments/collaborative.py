@@ -87,6 +87,7 @@ import tensorflow as tf
 from tensorflow import keras
 
 from drkeras import keys, losses, metrics
+from drkeras.claims import Claim
 from drkeras.config import (
     Config,
     DataConfig,
@@ -297,6 +298,45 @@ STAGES = {
 def _seg_columns(lesion: str) -> Tuple[str, str]:
     name = keys.LESION_NAMES.get(lesion, lesion)
     return f"{name} AUC ROC", f"{name} AUC PR"
+
+
+# The paper's directional claims (drkeras.claims; section 4.2). Table 1 and Table 3 are
+# ablations: each row adds a component to the row before it.
+TABLE1_COLUMNS = tuple(f"{name} {metric}" for name in DATASET_NAMES.values()
+                       for metric in ("Acc.", "Kappa"))  # fmt: skip
+TABLE3_COLUMNS = tuple(c for lesion in PAPER_LESION_ORDER for c in _seg_columns(lesion))
+_GRADING_STEPS = (
+    "lesion masks of the pre-trained generator help grading",
+    "semi-supervised lesion attention improves grading further",
+    "the adversarial loss adds a further gain in grading",
+)
+_SEGMENTATION_STEPS = (
+    "Xception modules (CE2) segment better than plain convolutions (CE1)",
+    "semi-supervised training on pseudo masks improves segmentation",
+    "the adversarial loss improves segmentation slightly further",
+)
+CLAIMS = (
+    *(
+        Claim("Table 1, section 4.2.2", text, "table1", column, better, (worse,))
+        for text, better, worse in zip(_GRADING_STEPS, GRADING_ROWS[1:], GRADING_ROWS[:-1])
+        for column in TABLE1_COLUMNS
+    ),
+    *(
+        Claim("Table 2, section 4.2.2", "on Messidor the full model (Semi+Adv) scores highest "
+              "of all rows", "table2", column, GRADING_ROWS[-1], GRADING_ROWS[:-1])
+        for column in MESSIDOR_COLUMNS
+    ),
+    *(
+        Claim("Table 2, section 4.2.2", "on Messidor even the pre-trained lesion masks gain "
+              "over the holistic grader", "table2", column, GRADING_ROWS[1], GRADING_ROWS[:1])
+        for column in MESSIDOR_COLUMNS
+    ),
+    *(
+        Claim("Table 3, section 4.2.3", text, "table3", column, better, (worse,))
+        for text, better, worse in zip(_SEGMENTATION_STEPS, SEG_ROWS[1:], SEG_ROWS[:-1])
+        for column in TABLE3_COLUMNS
+    ),
+)  # fmt: skip
 
 
 def _tables(config: Config) -> Dict[str, ResultsTable]:

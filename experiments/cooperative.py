@@ -88,6 +88,7 @@ import tensorflow as tf
 from tensorflow import keras
 
 from drkeras import keys, metrics
+from drkeras.claims import Claim
 from drkeras.config import (
     Config,
     DataConfig,
@@ -141,6 +142,15 @@ JOINT = "JointSeg [This work]"
 FCN, UNET = "FCN-8s", "UNet"
 VGG, INCEPTION = "VGG", "InceptionV3"
 GRADER_ROWS = {VGG: "vgg19", INCEPTION: "inception_v3"}
+# Rows of the partial-label table (section II-C).
+ALL_LABELS_TRUE = "JointSeg, all classifier labels true"
+
+
+def partial_labels_row(true_fraction: float) -> str:
+    """The partial-label table's row of JointSeg trained with ``true_fraction`` of the
+    classifier's labels true."""
+    return f"JointSeg, {round(100 * true_fraction)} % true classifier labels"
+
 
 PAPER_TABLE1 = {FCN: {MIOU: 55.3}, UNET: {MIOU: 64.4}, JOINT: {MIOU: 66.1}}
 PAPER_TABLE2 = {FCN: {MIOU: 15.3}, UNET: {MIOU: 25.4}, JOINT: {MIOU: 66.1}}
@@ -306,6 +316,28 @@ MINI_CHANGES = {
     ),
 }
 MINI = derive_preset(PAPER, MINI_CHANGES)
+
+# The paper's directional claims (drkeras.claims; section III-A, section II-C). The partial-label
+# row is named for the default method.true_label_fraction (every preset keeps it).
+CLAIMS = (
+    Claim("Table I, section III-A", "joint learning segments better than the FCN-8s and UNet "
+          "with classifier-pre-trained encoders", "table1", MIOU, JOINT, (FCN, UNET)),
+    Claim("Table II, section III-A", "from random weights, joint learning segments better than "
+          "FCN-8s and UNet", "table2", MIOU, JOINT, (FCN, UNET)),
+    *(
+        Claim("Table III", "the classifier agent grades better than VGG-19 and InceptionV3",
+              "table3", column, JOINT, tuple(GRADER_ROWS))
+        for column in (TOP1, TOP2)
+    ),
+    Claim("Table IV", "the classifier agent screens (DR >= 1 vs 0) better than VGG-19 and "
+          "InceptionV3", "table4", BINARY, JOINT, tuple(GRADER_ROWS)),
+    *(
+        Claim("section II-C", "with most classifier labels random the classifier agent is less "
+              "accurate", "partial_labels", column, ALL_LABELS_TRUE,
+              (partial_labels_row(Method.true_label_fraction),))
+        for column in (TOP1, TOP2, BINARY)
+    ),
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ partial labels
@@ -1100,7 +1132,7 @@ class _Run:
         stage did not run stays empty), Fig. 6 and the training curves."""
         tables = self._tables()
         t1, t2, t3, t4, t5 = tables
-        pct = round(100 * self.method.true_label_fraction)
+        partial_row = partial_labels_row(self.method.true_label_fraction)
         for run in range(int(self.config.train.runs)):
             tag = f"run{run}"
             joint = self.scores.get(f"{tag}_jointseg")
@@ -1109,10 +1141,10 @@ class _Run:
                     table.add(JOINT, MIOU, 100.0 * joint["seg"]["miou"])
                     table.add(JOINT, LESION_MIOU, 100.0 * joint["seg"]["lesion_miou"])
                 self._grading_cells(t3, t4, JOINT, joint["grading"])
-                self._partial_row(t5, "JointSeg, all classifier labels true", joint)
+                self._partial_row(t5, ALL_LABELS_TRUE, joint)
             partial = self.scores.get(f"{tag}_jointseg_partial_labels")
             if partial:
-                self._partial_row(t5, f"JointSeg, {pct} % true classifier labels", partial)
+                self._partial_row(t5, partial_row, partial)
             for row in (FCN, UNET):
                 kind = "fcn8s" if row == FCN else "unet"
                 for pretrained, table in ((True, t1), (False, t2)):

@@ -82,7 +82,10 @@ def test_markdown_and_command_line(tmp_path, capsys):
     runs = _runs(tmp_path, [71.0, 62.0, 53.0], [70.0, 60.0, 50.0])
     text = claims_markdown("Paper", check_claims([claim], runs), runs)
     assert "| Table 1 | C above A | t1, Dice | C | A | 3 | 62.00 ± 9.00 | 60.00 ± 10.00 |" in text
-    assert "**holds**" in text and "Verdicts: 1 holds, 0 not shown, 0 reversed." in text
+    assert "**holds**" in text
+    assert "Verdicts: 1 holds, 0 not shown, 0 reversed, 0 no values." in text
+    absent = Claim("Table 1", "C above B", "t1", "Dice", "C", ("B",))
+    assert check_claims([absent], runs)[0]["verdict"] == "no values"
     out = tmp_path / "c.md"
     missing = main(["--experiment", "mtunet", str(tmp_path / "absent"), "--out", str(out)])
     assert missing == 2 and "absent" in capsys.readouterr().err
