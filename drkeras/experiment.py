@@ -431,18 +431,21 @@ class RunContext:
 
     def _dry_fit(self, model, data, stage: str, callbacks, kwargs):
         """A dry run's ``fit``: ``self.dry_run`` steps at per-replica batch 1, then at 2, each
-        timed and its peak resident memory measured; the traced train step is searched for
-        ops without a deterministic GPU kernel. Nothing is checkpointed."""
+        timed, with the peaks of TensorFlow's allocator and of resident memory from the second
+        step on (the first step alone when there is one); the traced train step is searched
+        for ops without a deterministic GPU kernel. Nothing is checkpointed."""
         declared = self._stage.data if self._stage else ()
         rebatch = next((d.rebatch for d in declared if d.train and d.rebatch), None) or _rebatch
         batches = {}
         history = None
         for per_replica in (1, 2):
             stream = rebatch(data, per_replica * self.replicas)
-            timer = _StepTimer()
             gc.collect()
             self._meter.reset()
             self._tensor_meter.reset()
+            # memory is measured from the second step on: the first also creates the
+            # optimizer's slots and runs once-only work, which batch 2 would not repeat
+            timer = _StepTimer(after_first=self._reset_meters if self.dry_run > 1 else None)
             history = model.fit(
                 stream,
                 epochs=1,
@@ -477,6 +480,10 @@ class RunContext:
             self.dry_stages.append({"stage": owner, "fits": [record]})
         return history
 
+    def _reset_meters(self) -> None:
+        self._meter.reset()
+        self._tensor_meter.reset()
+
     def _unique_stage(self, stage: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stage) or "stage"
         self._stages[safe] += 1
@@ -485,18 +492,22 @@ class RunContext:
 
 
 class _StepTimer(tf.keras.callbacks.Callback):
-    """Seconds of each train step (the first includes tracing the step)."""
+    """Seconds of each train step (the first includes tracing the step); ``after_first`` is
+    called once the first step has ended."""
 
-    def __init__(self):
+    def __init__(self, after_first=None):
         super().__init__()
         self.seconds = []
         self._start = 0.0
+        self._after_first = after_first
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
+        if len(self.seconds) == 1 and self._after_first is not None:
+            self._after_first()
 
 
 def _rebatch(data, global_batch: int):

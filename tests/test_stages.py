@@ -62,6 +62,21 @@ def test_kept_tensors_by_hand():
     assert fig.forward_flops == conv + 2 * (2 * 16 * 4 * 4) + 2 * 2 * 64
 
 
+def test_a_frozen_prefix_keeps_nothing_and_a_frozen_suffix_still_passes_gradients():
+    layers = tf.keras.layers
+    x = tf.keras.Input((8, 8, 3))
+    frozen = layers.Conv2D(4, 3, padding="same", activation="relu", trainable=False)
+    a = frozen(x)  # no gradient reaches or leaves it: nothing kept
+    b = layers.MaxPooling2D()(a)  # nothing either (its input carries no gradient)
+    c = layers.Conv2D(4, 1)(b)  # trainable: reads b, 64
+    d = layers.ReLU()(c)  # reads its output d, 64
+    y = layers.Dense(2, trainable=False)(layers.Flatten()(d))  # frozen, downstream: reads 64
+    model = tf.keras.Model(x, y)
+    assert staging.net_figures(model).activation_elements == 64 + 64 + 64
+    frozen.trainable = True  # now it keeps its output (relu) and the pool reads a and b
+    assert staging.net_figures(model).activation_elements == 256 + 64 + 64 + 64
+
+
 @pytest.mark.parametrize("kind", ["resnet", "unet"])
 def test_planned_activations_agree_with_the_allocator_within_30_percent(kind):
     """A train step's peak tensor bytes per example (TensorFlow's allocator, batches 1 and
