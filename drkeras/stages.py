@@ -228,6 +228,19 @@ def machine_memory_bytes() -> int:
     return total
 
 
+def available_memory_bytes() -> int:
+    """Memory a new allocation can take now (``MemAvailable``: free memory plus what the kernel
+    can reclaim), or the machine's memory where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return machine_memory_bytes()
+
+
 class TensorMemoryMeter:
     """Peak bytes held by TensorFlow's CPU allocator between :meth:`reset` and :meth:`peak`
     (tensors only: the measure of a step's activations). TensorFlow 2.15 keeps these statistics
@@ -808,6 +821,7 @@ def figures_of(stages: Sequence[Stage]) -> Dict[str, NetFigures]:
 __all__ = [
     "ACCELERATORS",
     "BACKWARD_OVERHEAD",
+    "available_memory_bytes",
     "Data",
     "Machine",
     "MemoryMeter",

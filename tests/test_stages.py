@@ -374,6 +374,40 @@ def test_dry_run_fit_steps_at_batches_one_and_two_and_finds_nondeterministic_ops
     assert any("ResizeNearestNeighborGrad" in op for op in fit["gpu_nondeterministic_ops"])
 
 
+def test_dry_run_skips_batch_two_where_it_would_not_fit(tmp_path, monkeypatch):
+    ctx = _context(tmp_path)
+    ctx.dry_run = 2
+    ctx.plan = {
+        "stages": [{"stage": "toy", "activation_mb_per_example": 2048.0, "per_replica_batch": 4}]
+    }
+    monkeypatch.setattr(staging, "available_memory_bytes", lambda: 2 * 2**30)  # < 1.5 x 2 GB
+    x = tf.keras.Input((4, 4, 1))
+    model = tf.keras.Model(x, tf.keras.layers.Conv2D(1, 1)(x))
+    model.compile(optimizer="sgd", loss="mse")
+
+    def train(cache):
+        return tf.data.Dataset.from_tensor_slices((np.ones((6, 4, 4, 1), np.float32),) * 2)
+
+    spec = Data("train", build=train, examples=6, size=4, batch=4, train=True)
+    run = lambda inputs: ctx.fit(model, ctx.data("train"), epochs=5, steps_per_epoch=3)  # noqa: E731
+    ctx.execute([Stage("toy", run=run, data=[spec], steps=3, epochs=5, batch=4)])
+    (fit,) = ctx.dry_stages[0]["fits"]
+    assert "needs about 3.0 GB" in fit["batches"]["2"]["skipped"]
+    assert "2.0 GB are available" in fit["batches"]["2"]["skipped"]
+    assert int(model.optimizer.iterations) == 2  # batch 1 only
+    assert set(fit["seconds_per_step"]) == {"1"}
+    from drkeras.experiment import _write_dry_run
+
+    _write_dry_run(ctx, _Toy(), "smoke", 1.0)
+    (written,) = json.loads((tmp_path / "dry_run.json").read_text())["stages"][0]["fits"]
+    extrapolated = written["extrapolated_to_batch"]
+    assert extrapolated["from"] == "batch 1 and the plan"
+    b1 = written["batches"]["1"]["peak_tensor_gb"]
+    assert extrapolated["peak_tensor_gb"] == round(b1 + 3 * 2.0, 2)  # 3 more examples x 2 GB
+    assert written["measured_mb_per_example"] is None
+    assert "measured_over_planned_activations" not in written
+
+
 # ------------------------------------------------------------------------------ a toy experiment
 
 
