@@ -431,18 +431,27 @@ class RunContext:
 
     def _dry_fit(self, model, data, stage: str, callbacks, kwargs):
         """A dry run's ``fit``: ``self.dry_run`` steps at per-replica batch 1, then at 2, each
-        timed and its peak resident memory measured; the traced train step is searched for
-        ops without a deterministic GPU kernel. Nothing is checkpointed."""
+        timed, with the peaks of TensorFlow's allocator and of resident memory from the second
+        step on (the first step alone when there is one); the traced train step is searched
+        for ops without a deterministic GPU kernel. Nothing is checkpointed."""
         declared = self._stage.data if self._stage else ()
         rebatch = next((d.rebatch for d in declared if d.train and d.rebatch), None) or _rebatch
         batches = {}
         history = None
         for per_replica in (1, 2):
+            if per_replica == 2:
+                reason = self._batch_two_does_not_fit(stage)
+                if reason:
+                    log.warning("dry run, stage %s: batch 2 not stepped: %s", stage, reason)
+                    batches["2"] = {"skipped": reason}
+                    continue
             stream = rebatch(data, per_replica * self.replicas)
-            timer = _StepTimer()
             gc.collect()
             self._meter.reset()
             self._tensor_meter.reset()
+            # memory is measured from the second step on: the first also creates the
+            # optimizer's slots and runs once-only work, which batch 2 would not repeat
+            timer = _StepTimer(after_first=self._reset_meters if self.dry_run > 1 else None)
             history = model.fit(
                 stream,
                 epochs=1,
@@ -456,14 +465,15 @@ class RunContext:
                 "peak_rss_gb": round(self._meter.peak() / staging.GB, 3),
                 "peak_tensor_gb": round(self._tensor_meter.peak() / staging.GB, 4),
             }
-        one, two = batches["1"]["step_seconds"], batches["2"]["step_seconds"]
+        one = batches["1"]["step_seconds"]
+        two = batches["2"].get("step_seconds")
         record = {
             "fit": stage,
             "steps_per_batch_size": self.dry_run,
             "trace_seconds": round(one[0] - (min(one[1:]) if len(one) > 1 else 0.0), 3),
             "seconds_per_step": {
                 "1": min(one[1:]) if len(one) > 1 else one[0],
-                "2": min(two),
+                **({"2": min(two)} if two else {}),
             },
             "batches": batches,
             "gpu_nondeterministic_ops": [f.describe() for f in _traced_findings(model, stream)],
@@ -477,6 +487,26 @@ class RunContext:
             self.dry_stages.append({"stage": owner, "fits": [record]})
         return history
 
+    def _batch_two_does_not_fit(self, stage: str) -> str:
+        """Why stepping at per-replica batch 2 could exhaust this machine's memory ('' when it
+        fits): the plan's activations of one more example (times 1.5 for the allocator's and
+        the kernels' scratch) against the memory available now."""
+        owner = self._stage.name if self._stage else stage
+        row = next((r for r in (self.plan or {}).get("stages", []) if r["stage"] == owner), {})
+        more = 1.5 * float(row.get("activation_mb_per_example") or 0.0) * 2**20 * self.replicas
+        available = staging.available_memory_bytes()
+        if more <= available:
+            return ""
+        return (
+            f"one more example needs about {more / staging.GB:.1f} GB (the plan's activations "
+            f"x 1.5), {available / staging.GB:.1f} GB are available; time and memory are "
+            "extrapolated from batch 1 with the plan's figure per example"
+        )
+
+    def _reset_meters(self) -> None:
+        self._meter.reset()
+        self._tensor_meter.reset()
+
     def _unique_stage(self, stage: str) -> str:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stage) or "stage"
         self._stages[safe] += 1
@@ -485,18 +515,22 @@ class RunContext:
 
 
 class _StepTimer(tf.keras.callbacks.Callback):
-    """Seconds of each train step (the first includes tracing the step)."""
+    """Seconds of each train step (the first includes tracing the step); ``after_first`` is
+    called once the first step has ended."""
 
-    def __init__(self):
+    def __init__(self, after_first=None):
         super().__init__()
         self.seconds = []
         self._start = 0.0
+        self._after_first = after_first
 
     def on_train_batch_begin(self, batch, logs=None):
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
+        if len(self.seconds) == 1 and self._after_first is not None:
+            self._after_first()
 
 
 def _rebatch(data, global_batch: int):
@@ -843,19 +877,26 @@ def _write_dry_run(ctx: RunContext, experiment: Experiment, preset: str, seconds
         }  # fmt: skip
         for fit in entry.get("fits", []):
             b1, b2 = fit["batches"]["1"], fit["batches"]["2"]
-            # TensorFlow's allocator measures tensors alone; the resident size also holds
-            # oneDNN's pool of earlier stages' freed memory (a high-water mark of the process)
-            per_example = b2["peak_tensor_gb"] - b1["peak_tensor_gb"]
-            rss_per_example = b2["peak_rss_gb"] - b1["peak_rss_gb"]
-            t1, t2 = fit["seconds_per_step"]["1"], fit["seconds_per_step"]["2"]
-            fit["measured_mb_per_example"] = round(per_example * 1024, 1)
+            t1 = fit["seconds_per_step"]["1"]
+            if "skipped" in b2:  # batch 2 would not fit here: batch 1 and the plan's figure
+                per_example = rss_per_example = (row.get("activation_mb_per_example") or 0) / 1024
+                t2 = 2 * t1
+                fit["measured_mb_per_example"] = None
+            else:
+                # TensorFlow's allocator measures tensors alone; the resident size also holds
+                # oneDNN's pool of earlier stages' freed memory (a high-water mark)
+                per_example = b2["peak_tensor_gb"] - b1["peak_tensor_gb"]
+                rss_per_example = b2["peak_rss_gb"] - b1["peak_rss_gb"]
+                t2 = fit["seconds_per_step"]["2"]
+                fit["measured_mb_per_example"] = round(per_example * 1024, 1)
             fit["extrapolated_to_batch"] = {
+                "from": "batch 1 and the plan" if "skipped" in b2 else "batches 1 and 2",
                 "per_replica_batch": target,
                 "peak_tensor_gb": round(b1["peak_tensor_gb"] + (target - 1) * per_example, 2),
                 "peak_rss_gb": round(b1["peak_rss_gb"] + (target - 1) * rss_per_example, 2),
                 "seconds_per_step": round(t1 + (target - 1) * (t2 - t1), 3),
             }
-            if row.get("activation_mb_per_example") and per_example > 0:
+            if row.get("activation_mb_per_example") and (fit["measured_mb_per_example"] or 0) > 0:
                 fit["measured_over_planned_activations"] = round(
                     fit["measured_mb_per_example"] / row["activation_mb_per_example"], 2
                 )

@@ -228,6 +228,19 @@ def machine_memory_bytes() -> int:
     return total
 
 
+def available_memory_bytes() -> int:
+    """Memory a new allocation can take now (``MemAvailable``: free memory plus what the kernel
+    can reclaim), or the machine's memory where that is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return machine_memory_bytes()
+
+
 class TensorMemoryMeter:
     """Peak bytes held by TensorFlow's CPU allocator between :meth:`reset` and :meth:`peak`
     (tensors only: the measure of a step's activations). TensorFlow 2.15 keeps these statistics
@@ -494,10 +507,15 @@ def _graph_nodes(model) -> Optional[list]:
     return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
 
 
-def _walk(model, seen: set) -> Tuple[int, int]:
+def _walk(model, seen: set, grad: Optional[set] = None) -> Tuple[int, int]:
     """(elements, FLOPs) per example: the distinct forward tensors the backward pass of
     ``model`` reads (each counted once, however many layers read it) and the forward FLOPs of
-    every layer call (a shared layer counts per call)."""
+    every layer call (a shared layer counts per call).
+
+    Only layers a gradient passes through keep tensors: those with trainable weights and those
+    downstream of one (``grad`` collects the ids of tensors that carry a gradient); a frozen
+    prefix (variant B's segmenter in its step 2) runs forward only."""
+    grad = set() if grad is None else grad
     nodes = _graph_nodes(model)
     if nodes is None:  # subclassed: every layer output, once per layer
         elements = flops = 0
@@ -511,13 +529,21 @@ def _walk(model, seen: set) -> Tuple[int, int]:
     elements = flops = 0
     for node in nodes:
         layer = node.layer
-        if layer is not model and _graph_nodes(layer) is not None:
-            inner = _walk(layer, seen)  # a nested functional model, per call
-            elements, flops = elements + inner[0], flops + inner[1]
-            continue
         inputs, outputs = _flat(node.input_tensors), _flat(node.outputs)
+        in_grad = any(id(x) in grad for x in inputs)
+        if layer is not model and _graph_nodes(layer) is not None:
+            # a nested functional model, per call: its inputs carry the caller's gradient
+            inner_grad = {id(x) for x in _flat(layer.inputs)} if in_grad else set()
+            inner = _walk(layer, seen, inner_grad)
+            elements, flops = elements + inner[0], flops + inner[1]
+            if in_grad or layer.trainable_weights:
+                grad.update(id(x) for x in outputs)
+            continue
         flops += _layer_flops(layer, [tuple(x.shape) for x in inputs],
                               [tuple(x.shape) for x in outputs])  # fmt: skip
+        if not (in_grad or layer.trainable_weights):
+            continue  # no gradient reaches or leaves this call: nothing is kept for it
+        grad.update(id(x) for x in outputs)
         reads_in, reads_out = _backward_reads(layer)
         kept = [x for x in inputs if not _is_model_input(x, model)] if reads_in else []
         for tensor in kept + (outputs if reads_out else []):
@@ -795,6 +821,7 @@ def figures_of(stages: Sequence[Stage]) -> Dict[str, NetFigures]:
 __all__ = [
     "ACCELERATORS",
     "BACKWARD_OVERHEAD",
+    "available_memory_bytes",
     "Data",
     "Machine",
     "MemoryMeter",

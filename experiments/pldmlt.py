@@ -1570,7 +1570,9 @@ class _Run:
         evaluates, trains nothing), ``<tag>_<method.nasnet>`` and ``<tag>_densenet201``, then
         per fold every pixel-level row, ``<tag>[_fold<k>]_<row>`` (Tables 1-3), each consuming
         stage 1's pseudo grades. ``<tag>`` is the dataset, ``<dataset>_run<r>`` with several
-        runs. Stages that differ only by run or fold share the group ``<dataset>_<stage>``.
+        runs. Stages that differ only by dataset, run or fold share the group ``<stage>`` (the
+        same networks, input size and code on other records: a dry run trains IDRiD's and
+        builds DDR's data).
         """
         train_cfg = self.config.train
         sources_of, pixel_sets = {}, {}
@@ -1661,7 +1663,7 @@ class _Run:
             steps=self._steps(train.examples),
             epochs=self._grader_epochs(),
             batch=self.batch,
-            group=f"{dataset}_{arch}",
+            group=arch,
         )
 
     def _stage1_stage(self, dataset: str, sources, *, tag: str, first: bool) -> Stage:
@@ -1707,7 +1709,7 @@ class _Run:
             data=[pixels],
             batch=self.method.stage1_batch,
             consumes=tuple(graders.values()),
-            group=f"{dataset}_stage1",
+            group="stage1",
         )
 
     def _row_stage(
@@ -1788,7 +1790,7 @@ class _Run:
             epochs=self.config.train.epochs,
             batch=self.batch,
             consumes=(stage1,),
-            group=f"{dataset}_{STAGE_NAMES[row]}",
+            group=STAGE_NAMES[row],
         )
 
     def _fold_sources(self, dataset: str, sources, fold: int, seed: int, grades):

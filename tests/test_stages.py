@@ -62,6 +62,21 @@ def test_kept_tensors_by_hand():
     assert fig.forward_flops == conv + 2 * (2 * 16 * 4 * 4) + 2 * 2 * 64
 
 
+def test_a_frozen_prefix_keeps_nothing_and_a_frozen_suffix_still_passes_gradients():
+    layers = tf.keras.layers
+    x = tf.keras.Input((8, 8, 3))
+    frozen = layers.Conv2D(4, 3, padding="same", activation="relu", trainable=False)
+    a = frozen(x)  # no gradient reaches or leaves it: nothing kept
+    b = layers.MaxPooling2D()(a)  # nothing either (its input carries no gradient)
+    c = layers.Conv2D(4, 1)(b)  # trainable: reads b, 64
+    d = layers.ReLU()(c)  # reads its output d, 64
+    y = layers.Dense(2, trainable=False)(layers.Flatten()(d))  # frozen, downstream: reads 64
+    model = tf.keras.Model(x, y)
+    assert staging.net_figures(model).activation_elements == 64 + 64 + 64
+    frozen.trainable = True  # now it keeps its output (relu) and the pool reads a and b
+    assert staging.net_figures(model).activation_elements == 256 + 64 + 64 + 64
+
+
 @pytest.mark.parametrize("kind", ["resnet", "unet"])
 def test_planned_activations_agree_with_the_allocator_within_30_percent(kind):
     """A train step's peak tensor bytes per example (TensorFlow's allocator, batches 1 and
@@ -357,6 +372,40 @@ def test_dry_run_fit_steps_at_batches_one_and_two_and_finds_nondeterministic_ops
     assert [len(fit["batches"][b]["step_seconds"]) for b in ("1", "2")] == [2, 2]
     assert int(model.optimizer.iterations) == 4  # 2 steps at each batch size, not 5 x 3
     assert any("ResizeNearestNeighborGrad" in op for op in fit["gpu_nondeterministic_ops"])
+
+
+def test_dry_run_skips_batch_two_where_it_would_not_fit(tmp_path, monkeypatch):
+    ctx = _context(tmp_path)
+    ctx.dry_run = 2
+    ctx.plan = {
+        "stages": [{"stage": "toy", "activation_mb_per_example": 2048.0, "per_replica_batch": 4}]
+    }
+    monkeypatch.setattr(staging, "available_memory_bytes", lambda: 2 * 2**30)  # < 1.5 x 2 GB
+    x = tf.keras.Input((4, 4, 1))
+    model = tf.keras.Model(x, tf.keras.layers.Conv2D(1, 1)(x))
+    model.compile(optimizer="sgd", loss="mse")
+
+    def train(cache):
+        return tf.data.Dataset.from_tensor_slices((np.ones((6, 4, 4, 1), np.float32),) * 2)
+
+    spec = Data("train", build=train, examples=6, size=4, batch=4, train=True)
+    run = lambda inputs: ctx.fit(model, ctx.data("train"), epochs=5, steps_per_epoch=3)  # noqa: E731
+    ctx.execute([Stage("toy", run=run, data=[spec], steps=3, epochs=5, batch=4)])
+    (fit,) = ctx.dry_stages[0]["fits"]
+    assert "needs about 3.0 GB" in fit["batches"]["2"]["skipped"]
+    assert "2.0 GB are available" in fit["batches"]["2"]["skipped"]
+    assert int(model.optimizer.iterations) == 2  # batch 1 only
+    assert set(fit["seconds_per_step"]) == {"1"}
+    from drkeras.experiment import _write_dry_run
+
+    _write_dry_run(ctx, _Toy(), "smoke", 1.0)
+    (written,) = json.loads((tmp_path / "dry_run.json").read_text())["stages"][0]["fits"]
+    extrapolated = written["extrapolated_to_batch"]
+    assert extrapolated["from"] == "batch 1 and the plan"
+    b1 = written["batches"]["1"]["peak_tensor_gb"]
+    assert extrapolated["peak_tensor_gb"] == round(b1 + 3 * 2.0, 2)  # 3 more examples x 2 GB
+    assert written["measured_mb_per_example"] is None
+    assert "measured_over_planned_activations" not in written
 
 
 # ------------------------------------------------------------------------------ a toy experiment
