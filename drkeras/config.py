@@ -38,7 +38,9 @@ __all__ = [
     "OptimizerConfig",
     "TrainConfig",
     "MINI_CHANGE_KINDS",
+    "PUBLISHED_IDRID_S",
     "PresetChange",
+    "RANDOM_WEIGHTS",
     "apply_overrides",
     "config_to_dict",
     "derive_preset",
@@ -395,6 +397,15 @@ class PresetChange:
             raise ConfigError(
                 f"preset change kind {self.kind!r}: expected one of {sorted(MINI_CHANGE_KINDS)}"
             )
+
+
+# Changes several mini presets make alike.
+RANDOM_WEIGHTS = PresetChange(
+    "offline", "none", "random initialisation: no ImageNet files can be downloaded here"
+)
+PUBLISHED_IDRID_S = PresetChange(
+    "data", "6.75", "the published IDRiD-S counts, 54 train / 27 test (default 8 / 4)"
+)
 
 
 def derive_preset(base: Config, changes: Mapping[str, PresetChange]) -> Config:

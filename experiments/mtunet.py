@@ -112,6 +112,8 @@ from tensorflow import keras
 from drkeras import keys, metrics
 from drkeras.claims import Claim
 from drkeras.config import (
+    PUBLISHED_IDRID_S,
+    RANDOM_WEIGHTS,
     Config,
     DataConfig,
     ModelConfig,
@@ -383,12 +385,8 @@ MINI_CHANGES = {
     "method.deeplab_backbone": PresetChange(
         "width", "resnet18_v2", "Table 2's DeepLab encoder: ResNet-18 V2 for ResNet-50 V2"
     ),
-    "model.encoder_weights": PresetChange(
-        "offline", "none", "random initialisation: no ImageNet files can be downloaded here"
-    ),
-    "data.synthetic_scale": PresetChange(
-        "data", "6.75", "the published IDRiD-S counts, 54 train / 27 test (default 8 / 4)"
-    ),
+    "model.encoder_weights": RANDOM_WEIGHTS,
+    "data.synthetic_scale": PUBLISHED_IDRID_S,
     "method.seg_epochs": PresetChange("steps", "40", "IDRiD-S trainings: 40 epochs of 7 steps"),
     "train.epochs": PresetChange("steps", "12", "EyePACS stage: 12 epochs"),
     "train.runs": PresetChange("steps", "1", "one run (make evidence repeats it over seeds)"),

@@ -104,6 +104,8 @@ from drkeras import keys, losses, metrics
 from drkeras.cam_figure import plot_class_cams
 from drkeras.claims import Claim
 from drkeras.config import (
+    PUBLISHED_IDRID_S,
+    RANDOM_WEIGHTS,
     Config,
     DataConfig,
     ModelConfig,
@@ -305,12 +307,8 @@ MINI_CHANGES = {
     "method.fpn_backbone": PresetChange(
         "width", "resnet18", "FPN encoder: ResNet-18 for ResNet-50"
     ),
-    "model.encoder_weights": PresetChange(
-        "offline", "none", "random initialisation: no ImageNet files can be downloaded here"
-    ),
-    "data.synthetic_scale": PresetChange(
-        "data", "6.75", "the published IDRiD-S counts, 54 train / 27 test (default 8 / 4)"
-    ),
+    "model.encoder_weights": RANDOM_WEIGHTS,
+    "data.synthetic_scale": PUBLISHED_IDRID_S,
     "train.epochs": PresetChange("steps", "6", "pixel-level rows: 6 epochs of 27 steps"),
     "method.grader_epochs": PresetChange(
         "steps", "2", "graders (ResNeXts, NASNet, DenseNet): 2 epochs of 51 steps"
