@@ -386,7 +386,7 @@ def _offline_paper_run(tmp_path, monkeypatch, size=32):
     monkeypatch.setattr(pldmlt_experiment.pipeline, "grading_dataset", fake_grading)
     monkeypatch.setattr(pldmlt_experiment, "export_model", lambda *a, **k: exported.update(k))
     monkeypatch.setattr(run, "_model", lambda key, seed, build: _tiny_multitask(size))
-    monkeypatch.setattr(run, "_fit", lambda *args: None)
+    monkeypatch.setattr(run, "_fit", lambda *args, **kwargs: None)
     monkeypatch.setattr(run, "_grading_count", lambda *args: 4)
     return run, seen, calls, exported
 

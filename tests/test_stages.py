@@ -77,10 +77,10 @@ def test_a_frozen_prefix_keeps_nothing_and_a_frozen_suffix_still_passes_gradient
     assert staging.net_figures(model).activation_elements == 256 + 64 + 64 + 64
 
 
-@pytest.mark.parametrize("kind", ["resnet", "unet"])
-def test_planned_activations_agree_with_the_allocator_within_30_percent(kind):
-    """A train step's peak tensor bytes per example (TensorFlow's allocator, batches 1 and
-    3) against the plan's figure (kept tensors x BACKWARD_OVERHEAD)."""
+def _allocator_and_plan(kind: str) -> dict:
+    """A train step's peak tensor bytes per example (TensorFlow's allocator, batches 1 and 3)
+    and the plan's figure (kept tensors x BACKWARD_OVERHEAD) for a toy ResNet or UNet."""
+    tf.random.set_seed(0)  # the suite's TF_DETERMINISTIC_OPS=1 asks random ops for a seed
     layers = tf.keras.layers
     x = tf.keras.Input((64, 64, 3))
     y = layers.Conv2D(16, 3, padding="same", use_bias=False)(x)
@@ -114,10 +114,30 @@ def test_planned_activations_agree_with_the_allocator_within_30_percent(kind):
         meter.reset()
         model.fit(data, steps_per_epoch=2, verbose=0)
         peaks[batch] = meter.peak()
-    assert meter.available
     measured = (peaks[3] - peaks[1]) / 2
     planned = 4 * staging.net_figures(model).activation_elements * staging.BACKWARD_OVERHEAD
-    assert 0.7 < measured / planned < 1.3, (measured / MB, planned / MB)
+    return {"available": meter.available, "measured": measured, "planned": planned}
+
+
+@pytest.mark.parametrize("kind", ["resnet", "unet"])
+def test_planned_activations_agree_with_the_allocator_within_30_percent(kind):
+    """Measured in a fresh process: the allocator's peak is process-wide, and in the full suite
+    earlier tests' state made the UNet's read 0.59 of the plan while it reads 1.03 alone."""
+    import subprocess
+    import sys
+
+    script = (
+        f"import json, sys; sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r}); "
+        f"import test_stages; print(json.dumps(test_stages._allocator_and_plan({kind!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["available"]
+    ratio = figures["measured"] / figures["planned"]
+    assert 0.7 < ratio < 1.3, {k: v / MB for k, v in figures.items() if k != "available"}
 
 
 def test_net_figures_flops_match_the_profiler():
