@@ -255,6 +255,16 @@ def evaluate(
         result = evaluate("runs/x/export/mtunet", "records/idrid", split="test", out_dir="eval")
         result["metrics"].query("metric == 'kappa'")
     """
+    for name, value, least in (
+        ("batch_size", batch_size, 1),
+        ("num_thresholds", num_thresholds, 2),
+        ("max_examples", max_examples, 0),
+        ("overlays", overlays, 0),
+    ):
+        if int(value) < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1 (exclusive), got {threshold}")
     out = pathlib.Path(out_dir)
     expected = _expected_count(records_dir, split)  # before loading anything: a quick refusal
     exported = load_exported(model_path)

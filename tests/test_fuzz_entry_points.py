@@ -377,3 +377,30 @@ def test_evaluate_names_the_shard_and_record_of_unparseable_bytes(exported, smal
     assert str(caught.value).startswith(f"{shard}: record 1 (id ?) cannot be read: corrupted bytes")
     assert "expected a complete record of the drkeras schema" in str(caught.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ("--batch-size=0", "batch_size must be at least 1, got 0"),
+        ("--num-thresholds=1", "num_thresholds must be at least 2, got 1"),
+        ("--max-examples=-1", "max_examples must be at least 0, got -1"),
+        ("--threshold=1.5", "threshold must be between 0 and 1"),
+    ],
+)
+def test_evaluate_refuses_bad_numbers_before_reading_anything(tmp_path, capsys, argument, message):
+    """Nothing named by --model or --data exists: the numbers are checked first, exit code 2."""
+    code = evaluate_module.main(
+        [
+            "--model",
+            str(tmp_path / "none"),
+            "--data",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "out"),
+            argument,
+        ]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
