@@ -485,14 +485,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--split", default="test", choices=keys.SPLITS)
     parser.add_argument("--out", required=True, help="output folder for metrics and plots")
-    parser.add_argument("--batch-size", type=int, default=8)
+    add_metric_arguments(parser)
+    drkeras.startup.add_verbose_flag(parser)
+    return parser
+
+
+def add_metric_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of :func:`evaluate` shared by the command lines that evaluate exports
+    (this one and ``python -m drkeras.leaderboard``); :func:`metric_options` reads them back."""
+    parser.add_argument("--batch-size", type=int, default=8, help="images per serving call")
     parser.add_argument("--num-thresholds", type=int, default=1000)
     parser.add_argument("--threshold", type=float, default=0.5, help="Dice/IoU threshold")
     parser.add_argument("--overlays", type=int, default=4, help="overlay figures per output")
     parser.add_argument("--max-examples", type=int, default=0, help="0 = the whole split")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    drkeras.startup.add_verbose_flag(parser)
-    return parser
+
+
+def metric_options(args: argparse.Namespace) -> Dict[str, object]:
+    """Keyword arguments of :func:`evaluate` from :func:`add_metric_arguments`' options."""
+    return dict(
+        batch_size=args.batch_size,
+        num_thresholds=args.num_thresholds,
+        threshold=args.threshold,
+        overlays=args.overlays,
+        max_examples=args.max_examples,
+        progress=not args.no_progress,
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -501,16 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = evaluate(
-            args.model,
-            args.data,
-            split=args.split,
-            out_dir=args.out,
-            batch_size=args.batch_size,
-            num_thresholds=args.num_thresholds,
-            threshold=args.threshold,
-            overlays=args.overlays,
-            max_examples=args.max_examples,
-            progress=not args.no_progress,
+            args.model, args.data, split=args.split, out_dir=args.out, **metric_options(args)
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -702,12 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--latency-images", type=int, default=8, help="images timed per model (0: no timing)"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per evaluation call")
-    parser.add_argument("--num-thresholds", type=int, default=1000)
-    parser.add_argument("--threshold", type=float, default=0.5, help="Dice threshold")
-    parser.add_argument("--overlays", type=int, default=4, help="overlay figures per output")
-    parser.add_argument("--max-examples", type=int, default=0, help="0 = the whole split")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    evaluation.add_metric_arguments(parser)
     drkeras.startup.add_verbose_flag(parser)
     return parser
 
@@ -717,9 +712,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # WARNING: evaluate's per-model INFO lines would interleave with the progress bar.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.latency_images < 0:
-        print("error: --batch-size must be at least 1, --latency-images 0 or more", file=sys.stderr)
-        return 2
     try:
         result = leaderboard(
             args.runs,
@@ -727,12 +719,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             split=args.split,
             out_dir=args.out,
             latency_images=args.latency_images,
-            batch_size=args.batch_size,
-            num_thresholds=args.num_thresholds,
-            threshold=args.threshold,
-            overlays=args.overlays,
-            max_examples=args.max_examples,
-            progress=not args.no_progress,
+            **evaluation.metric_options(args),
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -284,6 +284,15 @@ def test_bad_records_leave_no_output(board, tmp_path, capsys):
     assert L.main(argv + ["--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists()
+    # evaluate's own checks reach the command line: exit 2, nothing left
+    good = [str(board["root"] / "grader_run"), "--data", str(board["data"]), "--out", str(out)]
+    for bad, message in (
+        (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+        (["--latency-images", "-1"], "latency_images must be 0 or more, got -1"),
+    ):
+        assert L.main(good + ["--no-progress"] + bad) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_command_line_refusal(tmp_path):
