@@ -248,7 +248,8 @@ def evaluate(
 
     Returns:
         ``{"metrics": DataFrame (task, metric, target, value), "csv": path, "md": path,
-        "plots": [paths], "n": examples}``.
+        "plots": [paths], "n": examples, "exported": the loaded model}`` (an
+        :class:`drkeras.export.ExportedModel`, for a caller that serves it further).
 
     Example::
 
@@ -350,7 +351,7 @@ def evaluate(
         raise
     staged.commit()
     log.info("evaluated %d %s examples; metrics in %s", n, split, result["csv"])
-    return result
+    return dict(result, exported=exported)
 
 
 def _report(

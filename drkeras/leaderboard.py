@@ -71,7 +71,6 @@ from tqdm import tqdm
 from drkeras import evaluate as evaluation
 from drkeras import keys, plots
 from drkeras.data import records
-from drkeras.export import load_exported
 from drkeras.predict import StagedOutput
 
 __all__ = [
@@ -486,7 +485,7 @@ def _run(staged, exports, records_dir, split, latency_images, settings, progress
         if sample is None:  # the records passed evaluate's checks
             sample = _split_sample(records_dir, split, settings["max_examples"], latency_images)
         majority, images = sample
-        exported = load_exported(export.path)
+        exported = result["exported"]  # loaded once, by evaluate
         sources, joined = lesion_sources(exported.meta)
         values = leaderboard_values(result["metrics"], sources)
         values[LATENCY] = serving_latency_ms(exported, images)
