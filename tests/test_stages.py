@@ -564,3 +564,19 @@ def test_a_dry_run_trains_one_stage_per_group_and_builds_the_others_data(tmp_pat
     assert built == ["d1"]  # fold1's data still built (fold0's run did not ask for its own)
     trained = {entry["stage"]: entry["trained"] for entry in ctx.dry_stages}
     assert trained == {"fold0": True, "fold1": False, "eval1": False, "eval0": True}
+
+
+def test_activation_check_of_the_dry_run_by_hand():
+    from drkeras.experiment import _activation_check
+
+    row = {"activation_mb_per_example": 100.0, "parameters": 2**20 * 10}  # weights 40 MB
+    assert _activation_check(row, 80.0) == {"measured_over_planned_activations": 0.8}
+    assert _activation_check(row, None) == {"activation_check": "batch 2 not stepped"}
+    # 134 M parameters (536 MB of weights) against 83 MB of activations: no ratio, and why
+    heavy = {"activation_mb_per_example": 83.0, "parameters": 134_000_000}
+    (why,) = _activation_check(heavy, 9.0).values()
+    assert why.startswith("not resolvable: one example's activations (83 MB planned)")
+    assert "(511 MB)" in why
+    assert _activation_check({"parameters": 5}, 3.0) == {
+        "activation_check": "no planned activation figure"
+    }
