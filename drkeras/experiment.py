@@ -452,14 +452,25 @@ class RunContext:
             # memory is measured from the second step on: the first also creates the
             # optimizer's slots and runs once-only work, which batch 2 would not repeat
             timer = _StepTimer(after_first=self._reset_meters if self.dry_run > 1 else None)
-            history = model.fit(
-                stream,
-                epochs=1,
-                steps_per_epoch=self.dry_run,
-                callbacks=self.callbacks(stage, tensorboard=False) + list(callbacks) + [timer],
-                verbose=self.config.train.verbose,
-                **kwargs,
-            )
+            try:
+                history = model.fit(
+                    stream,
+                    epochs=1,
+                    steps_per_epoch=self.dry_run,
+                    callbacks=self.callbacks(stage, tensorboard=False) + list(callbacks) + [timer],
+                    verbose=self.config.train.verbose,
+                    **kwargs,
+                )
+            except tf.errors.ResourceExhaustedError as err:
+                if per_replica == 1:
+                    raise
+                reason = (
+                    f"out of memory at batch 2 ({err.message.splitlines()[0][:160]}); time and "
+                    "memory are extrapolated from batch 1 with the plan's figure per example"
+                )
+                log.warning("dry run, stage %s: %s", stage, reason)
+                batches["2"] = {"skipped": reason}
+                continue
             batches[str(per_replica)] = {
                 "step_seconds": [round(t, 3) for t in timer.seconds],
                 "peak_rss_gb": round(self._meter.peak() / staging.GB, 3),
@@ -749,6 +760,15 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = build_parser(experiment)
     args = parser.parse_args(argv)
+    if args.dry_run:  # before the first TensorFlow op creates the CPU device and its pool
+        cap, ours = staging.cap_cpu_pool()
+        log.info(
+            "dry run: TensorFlow's CPU memory pool is capped at %.1f GB (%s%s): a step too "
+            "large for this machine raises an out-of-memory error instead of being killed",
+            cap / staging.GB,
+            staging.CPU_POOL_VARIABLE,
+            ", set here" if ours else ", yours",
+        )
     try:
         config = resolve_config(experiment, args)
         if args.random_weights:

@@ -4,6 +4,7 @@ release after a stage, and dry-run records, on toy stages and a toy experiment."
 
 import dataclasses
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -426,6 +427,57 @@ def test_dry_run_skips_batch_two_where_it_would_not_fit(tmp_path, monkeypatch):
     assert extrapolated["peak_tensor_gb"] == round(b1 + 3 * 2.0, 2)  # 3 more examples x 2 GB
     assert written["measured_mb_per_example"] is None
     assert "measured_over_planned_activations" not in written
+
+
+def test_dry_run_records_an_out_of_memory_error_at_batch_two(tmp_path, monkeypatch):
+    """With TensorFlow's CPU pool capped, a batch-2 step too large raises ResourceExhausted:
+    the dry run records batch 2 as not fitting and goes on; at batch 1 the error stops it."""
+    ctx = _context(tmp_path)
+    ctx.dry_run = 2
+    ctx.plan = {"stages": [{"stage": "toy", "activation_mb_per_example": 1.0}]}
+    x = tf.keras.Input((4, 4, 1))
+    model = tf.keras.Model(x, tf.keras.layers.Conv2D(1, 1)(x))
+    model.compile(optimizer="sgd", loss="mse")
+    fit, calls = model.fit, []
+
+    def fit_or_oom(stream, **kwargs):
+        calls.append(stream)
+        if len(calls) == ctx.oom_at:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return fit(stream, **kwargs)
+
+    monkeypatch.setattr(model, "fit", fit_or_oom)
+
+    def train(cache):
+        return tf.data.Dataset.from_tensor_slices((np.ones((6, 4, 4, 1), np.float32),) * 2)
+
+    spec = Data("train", build=train, examples=6, size=4, batch=4, train=True)
+    run = lambda inputs: ctx.fit(model, ctx.data("train"), epochs=5, steps_per_epoch=3)  # noqa: E731
+    ctx.oom_at = 2
+    ctx.execute([Stage("toy", run=run, data=[spec], steps=3, epochs=5, batch=4)])
+    assert len(calls) == 2  # batch 1, then batch 2
+    (record,) = ctx.dry_stages[0]["fits"]
+    assert record["batches"]["2"]["skipped"].startswith(
+        "out of memory at batch 2 (OOM when allocating tensor)"
+    )
+    assert int(model.optimizer.iterations) == 2  # batch 1's steps
+    calls.clear()
+    ctx.oom_at = 1
+    with pytest.raises(tf.errors.ResourceExhaustedError):
+        ctx.execute([Stage("toy2", run=run, data=[spec], steps=3, epochs=5, batch=4)])
+
+
+def test_the_cpu_pool_cap_leaves_a_users_setting_alone(monkeypatch):
+    monkeypatch.setenv(staging.CPU_POOL_VARIABLE, "1000")
+    assert staging.cap_cpu_pool() == (1000, False)
+    monkeypatch.delenv(staging.CPU_POOL_VARIABLE)
+    monkeypatch.setattr(staging, "machine_memory_bytes", lambda: 24 * staging.GB)
+    assert staging.cap_cpu_pool() == (20 * staging.GB, True)
+    assert os.environ[staging.CPU_POOL_VARIABLE] == str(20 * staging.GB)
+    monkeypatch.delenv(staging.CPU_POOL_VARIABLE)
+    monkeypatch.setattr(staging, "machine_memory_bytes", lambda: 6 * staging.GB)
+    assert staging.cap_cpu_pool()[0] == 3 * staging.GB  # never below half the machine
+    monkeypatch.delenv(staging.CPU_POOL_VARIABLE)
 
 
 # ------------------------------------------------------------------------------ a toy experiment
