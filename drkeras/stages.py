@@ -529,15 +529,31 @@ def _graph_nodes(model) -> Optional[list]:
     return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
 
 
-def _walk(model, seen: set, grad: Optional[set] = None) -> Tuple[int, int]:
+def _walk(
+    model,
+    seen: set,
+    grad: Optional[set] = None,
+    shapes: Optional[dict] = None,
+    top=None,
+    alias: Optional[dict] = None,
+) -> Tuple[int, int]:
     """(elements, FLOPs) per example: the distinct forward tensors the backward pass of
     ``model`` reads (each counted once, however many layers read it) and the forward FLOPs of
     every layer call (a shared layer counts per call).
 
     Only layers a gradient passes through keep tensors: those with trainable weights and those
     downstream of one (``grad`` collects the ids of tensors that carry a gradient); a frozen
-    prefix (variant B's segmenter in its step 2) runs forward only."""
+    prefix (variant B's segmenter in its step 2) runs forward only.
+
+    Shapes are those of the call (``shapes``: tensor id -> shape, propagated with each layer's
+    ``compute_output_shape``): a nested model built for any spatial size (Zhou's grading trunk,
+    ``Input((None, None, C))``) is counted at the size it is called with, not as zero. Only the
+    outermost model's inputs (the batch, held by the input pipeline) are never counted; a nested
+    model's inputs are its caller's tensors (``alias``), counted once with them."""
     grad = set() if grad is None else grad
+    shapes = {} if shapes is None else shapes
+    top = model if top is None else top
+    alias = {} if alias is None else alias
     nodes = _graph_nodes(model)
     if nodes is None:  # subclassed: every layer output, once per layer
         elements = flops = 0
@@ -552,27 +568,62 @@ def _walk(model, seen: set, grad: Optional[set] = None) -> Tuple[int, int]:
     for node in nodes:
         layer = node.layer
         inputs, outputs = _flat(node.input_tensors), _flat(node.outputs)
+        in_shapes = [shapes.get(id(x), tuple(x.shape)) for x in inputs]
         in_grad = any(id(x) in grad for x in inputs)
         if layer is not model and _graph_nodes(layer) is not None:
-            # a nested functional model, per call: its inputs carry the caller's gradient
-            inner_grad = {id(x) for x in _flat(layer.inputs)} if in_grad else set()
-            inner = _walk(layer, seen, inner_grad)
+            # a nested functional model, per call: its inputs carry the caller's gradient and
+            # the caller's shapes
+            inner_inputs = _flat(layer.inputs)
+            inner_grad = {id(x) for x in inner_inputs} if in_grad else set()
+            shapes.update((id(x), shape) for x, shape in zip(inner_inputs, in_shapes))
+            alias.update((id(x), alias.get(id(y), id(y))) for x, y in zip(inner_inputs, inputs))
+            inner = _walk(layer, seen, inner_grad, shapes, top, alias)
             elements, flops = elements + inner[0], flops + inner[1]
+            for outer, inner_out in zip(outputs, _flat(layer.outputs)):
+                shapes[id(outer)] = shapes.get(id(inner_out), tuple(outer.shape))
             if in_grad or layer.trainable_weights:
                 grad.update(id(x) for x in outputs)
             continue
-        flops += _layer_flops(layer, [tuple(x.shape) for x in inputs],
-                              [tuple(x.shape) for x in outputs])  # fmt: skip
+        out_shapes = _call_shapes(layer, in_shapes, [tuple(x.shape) for x in outputs])
+        shapes.update((id(x), shape) for x, shape in zip(outputs, out_shapes))
+        flops += _layer_flops(layer, in_shapes, out_shapes)
         if not (in_grad or layer.trainable_weights):
             continue  # no gradient reaches or leaves this call: nothing is kept for it
         grad.update(id(x) for x in outputs)
         reads_in, reads_out = _backward_reads(layer)
-        kept = [x for x in inputs if not _is_model_input(x, model)] if reads_in else []
-        for tensor in kept + (outputs if reads_out else []):
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                elements += _elements(tuple(tensor.shape))
+        kept = (
+            [(x, shape) for x, shape in zip(inputs, in_shapes) if not _is_model_input(x, top)]
+            if reads_in
+            else []
+        )
+        for tensor, shape in kept + (list(zip(outputs, out_shapes)) if reads_out else []):
+            key = alias.get(id(tensor), id(tensor))
+            if key not in seen:
+                seen.add(key)
+                elements += _elements(shape)
     return elements, flops
+
+
+def _call_shapes(layer, in_shapes: list, static: list) -> list:
+    """The output shapes of one call: the layer's static ones where they are fully known, else
+    ``compute_output_shape`` of the call's input shapes (the static ones where it fails)."""
+    import tensorflow as tf
+
+    if all(None not in shape[1:] for shape in static) or not in_shapes:
+        return static
+    if any(None in shape[1:] for shape in in_shapes):
+        return static
+    try:
+        arg = [tf.TensorShape(s) for s in in_shapes]
+        out = layer.compute_output_shape(arg[0] if len(arg) == 1 else arg)
+        flat = list(out.values()) if isinstance(out, dict) else out
+        single = isinstance(flat, tf.TensorShape) or (
+            isinstance(flat, (list, tuple)) and all(d is None or isinstance(d, int) for d in flat)
+        )
+        found = [tuple(tf.TensorShape(s).as_list()) for s in ([flat] if single else flat)]
+    except Exception:  # noqa: BLE001 - a custom layer without it: keep the static shapes
+        return static
+    return found if len(found) == len(static) else static
 
 
 def _flat(value) -> list:

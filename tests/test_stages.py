@@ -632,3 +632,32 @@ def test_activation_check_of_the_dry_run_by_hand():
     assert _activation_check({"parameters": 5}, 3.0) == {
         "activation_check": "no planned activation figure"
     }
+
+
+def test_a_nested_any_size_model_counts_at_the_size_it_is_called_with():
+    """Zhou's grader calls a trunk built on Input((None, None, C)): its tensors and FLOPs are
+    those of the call (here 16x16), the same figures as the flat model with the same layers."""
+    layers = tf.keras.layers
+
+    def trunk_layers(y):
+        y = layers.Conv2D(8, 3, padding="same", activation="relu")(y)
+        y = layers.MaxPooling2D()(y)
+        y = layers.Conv2D(8, 3, padding="same")(y)
+        return layers.GlobalAveragePooling2D()(y)
+
+    def head(x):
+        y = layers.Conv2D(4, 3, padding="same", use_bias=False)(x)
+        return layers.ReLU()(layers.BatchNormalization()(y))
+
+    x = tf.keras.Input((16, 16, 3))
+    flat = tf.keras.Model(x, layers.Dense(5)(trunk_layers(head(x))))
+    any_size = tf.keras.Input((None, None, 4))
+    trunk = tf.keras.Model(any_size, trunk_layers(any_size))
+    x = tf.keras.Input((16, 16, 3))
+    nested = tf.keras.Model(x, layers.Dense(5)(trunk(head(x))))
+    want, got = staging.net_figures(flat), staging.net_figures(nested)
+    assert got.params == want.params
+    assert got.forward_flops == want.forward_flops
+    assert got.forward_flops > 2 * 9 * 4 * 8 * 16 * 16  # the trunk's first convolution
+    assert got.activation_elements == want.activation_elements
+    assert got.activation_elements > 16 * 16 * 8  # the trunk's first ReLU output at least
