@@ -529,31 +529,26 @@ def _graph_nodes(model) -> Optional[list]:
     return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
 
 
-def _walk(
-    model,
-    seen: set,
-    grad: Optional[set] = None,
-    shapes: Optional[dict] = None,
-    top=None,
-    alias: Optional[dict] = None,
-) -> Tuple[int, int]:
+def _walk(model, seen: set, grad: Optional[set] = None, shapes=None, top=None, alias=None,
+          scope: tuple = ()) -> Tuple[int, int]:  # fmt: skip
     """(elements, FLOPs) per example: the distinct forward tensors the backward pass of
     ``model`` reads (each counted once, however many layers read it) and the forward FLOPs of
     every layer call (a shared layer counts per call).
 
     Only layers a gradient passes through keep tensors: those with trainable weights and those
-    downstream of one (``grad`` collects the ids of tensors that carry a gradient); a frozen
+    downstream of one (``grad`` collects the keys of tensors that carry a gradient); a frozen
     prefix (variant B's segmenter in its step 2) runs forward only.
 
-    Shapes are those of the call (``shapes``: tensor id -> shape, propagated with each layer's
-    ``compute_output_shape``): a nested model built for any spatial size (Zhou's grading trunk,
-    ``Input((None, None, C))``) is counted at the size it is called with, not as zero. Only the
-    outermost model's inputs (the batch, held by the input pipeline) are never counted; a nested
-    model's inputs are its caller's tensors (``alias``), counted once with them."""
+    A nested model is walked per call (``scope``: the calls leading to it), so a sub-model
+    called five times keeps five sets of tensors (Zhou's grading trunk, once per lesion), at the
+    shapes of that call (``shapes``, propagated with each layer's ``compute_output_shape``: a
+    trunk built on ``Input((None, None, C))`` counts at the size it is called with). Its inputs
+    are its caller's tensors (``alias``), counted once with them. Only the outermost model's
+    inputs (the batch, held by the input pipeline) are never counted."""
     grad = set() if grad is None else grad
     shapes = {} if shapes is None else shapes
-    top = model if top is None else top
     alias = {} if alias is None else alias
+    top = model if top is None else top
     nodes = _graph_nodes(model)
     if nodes is None:  # subclassed: every layer output, once per layer
         elements = flops = 0
@@ -564,42 +559,41 @@ def _walk(
             elements += sum(_elements(s) for s in out_shapes)
             flops += _layer_flops(layer, _shapes(layer.input), out_shapes)
         return elements, flops
+
+    def key(tensor, where=scope):
+        return alias.get((where, id(tensor)), (where, id(tensor)))
+
+    batch = {((), id(t)) for t in _flat(getattr(top, "inputs", None) or [])}
     elements = flops = 0
     for node in nodes:
         layer = node.layer
         inputs, outputs = _flat(node.input_tensors), _flat(node.outputs)
-        in_shapes = [shapes.get(id(x), tuple(x.shape)) for x in inputs]
-        in_grad = any(id(x) in grad for x in inputs)
+        in_shapes = [shapes.get(key(x), tuple(x.shape)) for x in inputs]
+        in_grad = any(key(x) in grad for x in inputs)
         if layer is not model and _graph_nodes(layer) is not None:
-            # a nested functional model, per call: its inputs carry the caller's gradient and
-            # the caller's shapes
-            inner_inputs = _flat(layer.inputs)
-            inner_grad = {id(x) for x in inner_inputs} if in_grad else set()
-            shapes.update((id(x), shape) for x, shape in zip(inner_inputs, in_shapes))
-            alias.update((id(x), alias.get(id(y), id(y))) for x, y in zip(inner_inputs, inputs))
-            inner = _walk(layer, seen, inner_grad, shapes, top, alias)
+            inner_scope = scope + (id(node),)
+            alias.update(
+                ((inner_scope, id(x)), key(y)) for x, y in zip(_flat(layer.inputs), inputs)
+            )
+            inner = _walk(layer, seen, grad, shapes, top, alias, inner_scope)
             elements, flops = elements + inner[0], flops + inner[1]
             for outer, inner_out in zip(outputs, _flat(layer.outputs)):
-                shapes[id(outer)] = shapes.get(id(inner_out), tuple(outer.shape))
+                shapes[key(outer)] = shapes.get(key(inner_out, inner_scope), tuple(outer.shape))
             if in_grad or layer.trainable_weights:
-                grad.update(id(x) for x in outputs)
+                grad.update(key(x) for x in outputs)
             continue
         out_shapes = _call_shapes(layer, in_shapes, [tuple(x.shape) for x in outputs])
-        shapes.update((id(x), shape) for x, shape in zip(outputs, out_shapes))
+        shapes.update((key(x), shape) for x, shape in zip(outputs, out_shapes))
         flops += _layer_flops(layer, in_shapes, out_shapes)
         if not (in_grad or layer.trainable_weights):
             continue  # no gradient reaches or leaves this call: nothing is kept for it
-        grad.update(id(x) for x in outputs)
+        grad.update(key(x) for x in outputs)
         reads_in, reads_out = _backward_reads(layer)
-        kept = (
-            [(x, shape) for x, shape in zip(inputs, in_shapes) if not _is_model_input(x, top)]
-            if reads_in
-            else []
-        )
+        kept = list(zip(inputs, in_shapes)) if reads_in else []
         for tensor, shape in kept + (list(zip(outputs, out_shapes)) if reads_out else []):
-            key = alias.get(id(tensor), id(tensor))
-            if key not in seen:
-                seen.add(key)
+            k = key(tensor)
+            if k not in seen and k not in batch:
+                seen.add(k)
                 elements += _elements(shape)
     return elements, flops
 
@@ -630,11 +624,6 @@ def _flat(value) -> list:
     import tensorflow as tf
 
     return [t for t in tf.nest.flatten(value) if hasattr(t, "shape")]
-
-
-def _is_model_input(tensor, model) -> bool:
-    # the batch itself is held by the input pipeline, not by the step's activations
-    return any(tensor is t for t in _flat(getattr(model, "inputs", None) or []))
 
 
 def _has_output(layer) -> bool:

@@ -661,3 +661,22 @@ def test_a_nested_any_size_model_counts_at_the_size_it_is_called_with():
     assert got.forward_flops > 2 * 9 * 4 * 8 * 16 * 16  # the trunk's first convolution
     assert got.activation_elements == want.activation_elements
     assert got.activation_elements > 16 * 16 * 8  # the trunk's first ReLU output at least
+
+
+def test_a_sub_model_called_twice_keeps_two_sets_of_tensors():
+    """Zhou's attentive grader runs its shared trunk once per lesion: every call keeps its own
+    tensors, as the same layers written out twice (with shared weights) do."""
+    layers = tf.keras.layers
+    conv_a, conv_b = layers.Conv2D(8, 3, padding="same", activation="relu"), layers.Conv2D(4, 1)
+    inner_in = tf.keras.Input((None, None, 3))
+    trunk = tf.keras.Model(inner_in, conv_b(conv_a(inner_in)))
+    x = tf.keras.Input((8, 8, 3))
+    twice = tf.keras.Model(x, layers.Add()([trunk(x), trunk(layers.ReLU()(x))]))
+    x = tf.keras.Input((8, 8, 3))
+    written = tf.keras.Model(x, layers.Add()([conv_b(conv_a(x)), conv_b(conv_a(layers.ReLU()(x)))]))
+    nested, flat = staging.net_figures(twice), staging.net_figures(written)
+    assert nested.activation_elements == flat.activation_elements
+    assert nested.forward_flops == flat.forward_flops == 2 * (2 * 64 * 8 * 27 + 2 * 64 * 4 * 8)
+    # conv_a's ReLU output (8x8x8) is read by conv_a's backward and conv_b's in each call, the
+    # ReLU branch's output (8x8x3) by the second conv_a: 2 * 512 + 192, the batch itself nothing
+    assert flat.activation_elements == 2 * 512 + 192
