@@ -464,10 +464,8 @@ class RunContext:
             except tf.errors.ResourceExhaustedError as err:
                 if per_replica == 1:
                     raise
-                reason = (
-                    f"out of memory at batch 2 ({err.message.splitlines()[0][:160]}); time and "
-                    "memory are extrapolated from batch 1 with the plan's figure per example"
-                )
+                first_line = err.message.splitlines()[0][:160]
+                reason = f"out of memory at batch 2 ({first_line}); {_FROM_PLAN}"
                 log.warning("dry run, stage %s: %s", stage, reason)
                 batches["2"] = {"skipped": reason}
                 continue
@@ -510,8 +508,7 @@ class RunContext:
             return ""
         return (
             f"one more example needs about {more / staging.GB:.1f} GB (the plan's activations "
-            f"x 1.5), {available / staging.GB:.1f} GB are available; time and memory are "
-            "extrapolated from batch 1 with the plan's figure per example"
+            f"x 1.5), {available / staging.GB:.1f} GB are available; {_FROM_PLAN}"
         )
 
     def _reset_meters(self) -> None:
@@ -878,6 +875,10 @@ def main(experiment: Experiment, argv: Optional[Sequence[str]] = None) -> int:
         f"and {md_path}"
     )
     return 0
+
+
+# How a dry run fills in a batch it could not step (dry_run.json's "skipped" reasons).
+_FROM_PLAN = "time and memory are extrapolated from batch 1 with the plan's figure per example"
 
 
 def _activation_check(row: Mapping, measured_mb: Optional[float]) -> Dict[str, object]:
