@@ -407,6 +407,10 @@ STAGE_NAMES = {
     "+ Upd-Net": "ls_lc_updnet",
     "Ours": "ours",
 }
+# Rows whose stage is the other's with another hyper-parameter value (the same networks, input
+# size and trainer): "+ Upd-Net" is Ours with equal task weights instead of beta. A dry run trains
+# Ours (declared first) and only builds the data of these.
+_DRY_RUN_SHARES = {"+ Upd-Net": "Ours"}
 # Stage 1's graders, most confident first on ties (section 3.1 names ResNeXt-101 first).
 PSEUDO_GRADERS = {"ResNeXt-101": "resnext101", "ResNeXt-50": "resnext50"}
 EQUAL_WEIGHTS = 1.0  # beta of the ablation rows without "Weight": both tasks weighted [1, 1]
@@ -1570,7 +1574,7 @@ class _Run:
         stage 1's pseudo grades. ``<tag>`` is the dataset, ``<dataset>_run<r>`` with several
         runs. Stages that differ only by dataset, run or fold share the group ``<stage>`` (the
         same networks, input size and code on other records: a dry run trains IDRiD's and
-        builds DDR's data).
+        builds DDR's data); so do Ours and "+ Upd-Net", which differ by the value of beta.
         """
         train_cfg = self.config.train
         sources_of, pixel_sets = {}, {}
@@ -1613,10 +1617,9 @@ class _Run:
             )
             for row, arch in (("NASNet", self.method.nasnet), ("DenseNet-201", "densenet201"))
         ]
-        rows = list(SEGMENTER_ROWS) + ["MTUnet"]
+        rows = list(SEGMENTER_ROWS) + ["MTUnet", "Ours"]
         if dataset == "idrid":
             rows += ["L_S", "+ L_C", "+ Upd-Net"]
-        rows.append("Ours")
         exports = first and dataset == self.method.datasets[0]
         pixel = [
             self._row_stage(
@@ -1788,7 +1791,7 @@ class _Run:
             epochs=self.config.train.epochs,
             batch=self.batch,
             consumes=(stage1,),
-            group=STAGE_NAMES[row],
+            group=STAGE_NAMES[_DRY_RUN_SHARES.get(row, row)],
         )
 
     def _fold_sources(self, dataset: str, sources, fold: int, seed: int, grades):

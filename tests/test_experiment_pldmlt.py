@@ -262,8 +262,8 @@ def test_dry_run_declares_every_stage_trains_one_per_group_and_plans_each(tmp_pa
     ]
     argv = ["--out", str(out), "--dry-run", "1"] + [a for o in overrides for a in ("--set", o)]
     assert main(PLDMLT(), argv) == 0
-    rows = ["unet", "linknet", "deeplabv3plus", "fpn", "mtunet", "ls", "ls_lc", "ls_lc_updnet"]
-    folds = [f"idrid_fold{k}_{row}" for k in (0, 1) for row in rows + ["ours"]]
+    rows = ["unet", "linknet", "deeplabv3plus", "fpn", "mtunet", "ours", "ls", "ls_lc"]
+    folds = [f"idrid_fold{k}_{row}" for k in (0, 1) for row in rows + ["ls_lc_updnet"]]
     graders = ["idrid_resnext101", "idrid_resnext50", "idrid_stage1", "idrid_nasnet_mobile"]
     declared = graders + ["idrid_densenet201"] + folds
     plan = json.loads((out / "plan.json").read_text())
@@ -273,6 +273,8 @@ def test_dry_run_declares_every_stage_trains_one_per_group_and_plans_each(tmp_pa
     groups = {row["stage"]: row["group"] for row in plan["stages"]}
     # stages that differ by fold (or dataset, or run) share a group: one trains in a dry run
     assert groups["idrid_fold0_ours"] == groups["idrid_fold1_ours"] == "ours"
+    # "+ Upd-Net" is Ours with another beta: its stage builds its data only
+    assert groups["idrid_fold0_ls_lc_updnet"] == "ours"
     assert groups["idrid_stage1"] == "stage1" and groups["idrid_resnext101"] == "resnext101"
 
     dry = json.loads((out / "dry_run.json").read_text())
@@ -280,7 +282,8 @@ def test_dry_run_declares_every_stage_trains_one_per_group_and_plans_each(tmp_pa
     assert dry["declared_stages_not_reached"] == []
     for entry in dry["stages"]:
         name = entry["stage"]
-        skipped = name.startswith("idrid_fold1_")  # fold 1 only builds its data
+        # fold 1 and "+ Upd-Net" only build their data
+        skipped = name.startswith("idrid_fold1_") or name.endswith("_ls_lc_updnet")
         assert entry["trained"] is not skipped, name
         fits = entry.get("fits", [])
         if skipped or name == "idrid_stage1":
