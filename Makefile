@@ -31,7 +31,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/pldmlt.py --data synthetic --preset smoke --out runs/pldmlt_smoke
 
 # The suite in TEST_WORKERS processes, one test file each at a time (module fixtures built once):
-# on 2 cores 17 minutes instead of 34 with one process, which keeps one core busy.
+# on 2 cores 18 minutes instead of 34 with one process, which keeps one core busy.
 TEST_WORKERS ?= 2
 test: $(STAMP) lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
