@@ -155,7 +155,8 @@ class Stage:
         epochs: epochs it trains.
         batch: its global train batch.
         consumes: names of earlier stages whose outputs it uses.
-        group: stages of one group differ only by fold, run or seed: a dry run trains the first
+        group: stages of one group differ only by fold, run, seed, dataset or the value of a
+            hyper-parameter (the same networks, input size and code): a dry run trains the first
             and only builds the data of the others (stages consuming a skipped stage are skipped
             too). Default: the stage's own name.
     """
