@@ -485,12 +485,13 @@ BACKWARD_OVERHEAD = 1.3
 # keeps alive until that layer's gradient has been computed). Convolutions, dense layers and
 # normalisations read their input; ReLU, sigmoid, tanh, softmax and ELU their output; max pooling
 # both; additions, concatenations, reshapes, paddings, nearest upsampling and average poolings
-# only shapes. A layer not listed (Lambda, custom layers) is assumed to read input and output.
+# only shapes, as does Keras's InceptionResNetV2 residual scaling (CustomScaleLayer: x + s * r,
+# linear). A layer not listed (Lambda, custom layers) is assumed to read input and output.
 _READS_NOTHING = (
     "Add", "Subtract", "Concatenate", "Reshape", "Flatten", "Permute", "ZeroPadding2D",
     "Cropping2D", "UpSampling2D", "NearestUpSampling2D", "GlobalAveragePooling2D",
     "AveragePooling2D", "Rescaling", "Normalization", "InputLayer", "Average",
-    "RepeatVector", "Identity", "TFOpLambda.reshape",
+    "RepeatVector", "Identity", "TFOpLambda.reshape", "CustomScaleLayer",
 )  # fmt: skip
 _READS_OUTPUT = ("ReLU", "Softmax", "ELU")
 _OUTPUT_ACTIVATIONS = ("relu", "relu6", "sigmoid", "tanh", "softmax", "elu", "linear")

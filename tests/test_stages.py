@@ -63,6 +63,20 @@ def test_kept_tensors_by_hand():
     assert fig.forward_flops == conv + 2 * (2 * 16 * 4 * 4) + 2 * 2 * 64
 
 
+def test_inception_resnet_residual_scaling_keeps_nothing():
+    """Keras's InceptionResNetV2 blocks end in x + scale * r (a linear layer): counting its
+    input and output made the plan read 1.8 x the allocator in MTUnet's paper dry run."""
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    layers = tf.keras.layers
+    x = tf.keras.Input((4, 4, 2))
+    a = layers.Conv2D(2, 1)(x)  # reads x (the batch: not counted)
+    r = layers.Conv2D(2, 1)(a)  # reads a: 32
+    s = CustomScaleLayer(0.17)([a, r])  # reads nothing (r and s not kept)
+    y = layers.Activation("relu")(s)  # reads its output y: 32
+    assert staging.net_figures(tf.keras.Model(x, y)).activation_elements == 32 + 32
+
+
 def test_a_frozen_prefix_keeps_nothing_and_a_frozen_suffix_still_passes_gradients():
     layers = tf.keras.layers
     x = tf.keras.Input((8, 8, 3))
