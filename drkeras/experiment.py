@@ -196,7 +196,7 @@ class RunContext:
             return self._records[dataset]
         data = self.config.data
         if data.source == SYNTHETIC:
-            path = _synthetic_records(dataset, self.out_dir / "data", data, self.config.seed)
+            path = synthetic_records(dataset, self.out_dir / "data", data, self.config.seed)
         else:
             path = pathlib.Path(data.source) / dataset
             if not (path / "manifest.json").is_file():
@@ -584,7 +584,9 @@ def _op_determinism_enabled() -> bool:
     return bool(tf_config.is_op_determinism_enabled())
 
 
-def _synthetic_records(dataset: str, root: pathlib.Path, data, seed: int) -> pathlib.Path:
+def synthetic_records(dataset: str, root: pathlib.Path, data, seed: int) -> pathlib.Path:
+    """``<root>/records/<dataset>``: the dataset's on-disk layout generated at ``data``'s
+    synthetic size, scale and label noise from ``seed``, then converted (kept when it exists)."""
     import data_prep
     from drkeras.data import synthetic
 
