@@ -203,3 +203,20 @@ def test_reference_graders_are_keras_applications_with_the_grading_head():
         out = model(tf.random.uniform((1, size, size, 3)))
         assert out[keys.GRADE_PROBS].shape == (1, 5)
         np.testing.assert_allclose(out[keys.GRADE_PROBS].numpy().sum(), 1.0, atol=1e-5)
+
+
+def test_random_vgg_networks_start_he_normal_and_keep_their_signal():
+    # VGG-19 (Table III) and the FCN-8s encoder have no batch norm: from random weights their
+    # ReLU convolutions start He-normal, so the last block's activations keep the spread of the
+    # first (Keras's Glorot default shrinks it about 2x per convolution, ~1e-4 over VGG-19's 16).
+    keras.utils.set_random_seed(0)
+    x = np.random.RandomState(0).uniform(-1, 1, (2, 64, 64, 3)).astype("float32")
+    vgg = coop.build_reference_grader("vgg19", input_shape=(64, 64, 3), num_grades=5)
+    probe = keras.Model(
+        vgg.input, [vgg.get_layer(n).output for n in ("block1_conv1", "block5_conv4")]
+    )
+    first, last = (float(tf.math.reduce_std(t)) for t in probe(x))
+    assert last > first / 4, (first, last)
+    fcn = coop.build_vgg16_fcn_encoder(input_shape=(64, 64, 3), width=0.125, fc_units=256)
+    for name in ("fc6", "fc7"):
+        assert isinstance(fcn.get_layer(name).kernel_initializer, keras.initializers.HeNormal)

@@ -35,6 +35,7 @@ __all__ = [
     "PretrainedWeightsUnavailable",
     "check_input_shape",
     "grading_head",
+    "he_initialise",
     "load_vgg16_encoder_weights",
     "pretrained_download_guard",
     "scaled_filters",
@@ -180,6 +181,18 @@ def vgg16_encoder(inputs: tf.Tensor, *, width: float = 1.0) -> Tuple[List[tf.Ten
         skips.append(x)
         x = keras.layers.MaxPooling2D(2, strides=2, name=f"block{block}_pool")(x)
     return skips, x
+
+
+def he_initialise(model: keras.Model) -> keras.Model:
+    """Redraw every ``Conv2D`` kernel of ``model`` He-normal (biases untouched) and return it:
+    for ``keras.applications`` networks without batch norm (VGG) built from random weights,
+    whose Glorot default halves the activations' spread at every ReLU convolution."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            layer.kernel.assign(
+                keras.initializers.HeNormal()(layer.kernel.shape, layer.kernel.dtype)
+            )
+    return model
 
 
 def vgg16_decoder(

@@ -600,9 +600,10 @@ def build_vgg16_fcn_encoder(
     pool3 = vgg.get_layer("block3_pool").output
     pool4 = vgg.get_layer("block4_pool").output
     units = blocks.scaled_filters(fc_units, width)
-    x = keras.layers.Conv2D(units, 7, padding="same", activation="relu", name="fc6")(pool5)
+    he = dict(activation="relu", kernel_initializer="he_normal")  # as the encoder's
+    x = keras.layers.Conv2D(units, 7, padding="same", name="fc6", **he)(pool5)
     x = keras.layers.Dropout(0.5, name="fc6_dropout")(x)
-    x = keras.layers.Conv2D(units, 1, activation="relu", name="fc7")(x)
+    x = keras.layers.Conv2D(units, 1, name="fc7", **he)(x)
     x = keras.layers.Dropout(0.5, name="fc7_dropout")(x)
     return keras.Model(image, {"block3_pool": pool3, "block4_pool": pool4, "fc7": x}, name=name)
 
@@ -689,7 +690,9 @@ def build_reference_grader(
 
     ``keras.applications`` without its top, global average pooling and a dense softmax
     (:func:`drkeras.models.blocks.grading_head`), as the drkeras graders of
-    :mod:`drkeras.models.baselines`.
+    :mod:`drkeras.models.baselines`. From random weights VGG-19's 16 ReLU convolutions start
+    He-normal (:func:`drkeras.models.blocks.he_initialise`), as the project's VGG16: Keras's
+    Glorot default would leave this baseline, which has no batch norm, with vanishing signal.
 
     Args:
         name: a key of :data:`REFERENCE_GRADERS`.
@@ -717,6 +720,8 @@ def build_reference_grader(
         base = getattr(keras.applications, constructor)(
             include_top=False, weights=encoder_weights, input_tensor=image
         )
+    if encoder_weights is None and constructor == "VGG19":
+        blocks.he_initialise(base)
     outputs = blocks.grading_head(
         base.output, num_grades=num_grades, pooling="avg", dropout=dropout
     )
