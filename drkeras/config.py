@@ -403,6 +403,15 @@ class PresetChange:
 RANDOM_WEIGHTS = PresetChange(
     "offline", "none", "random initialisation: no ImageNet files can be downloaded here"
 )
+# ImageNet input scaling means nothing to random weights; the caffe one (0-255 less the mean
+# pixel) made the He-normal VGG16 encoder's first grading logits ~100 (measured: MTUnet's
+# multi-task loss 93 at its first epoch) and its segmentation collapsed to background.
+SYMMETRIC_INPUTS = PresetChange(
+    "offline",
+    "symmetric",
+    "inputs in [-1, 1]: without ImageNet weights there is no ImageNet "
+    "scaling to match (caffe's 0-255 less the mean pixel blew up the first logits)",
+)
 PUBLISHED_IDRID_S = PresetChange(
     "data", "6.75", "the published IDRiD-S counts, 54 train / 27 test (default 8 / 4)"
 )

@@ -114,6 +114,7 @@ from drkeras.claims import Claim
 from drkeras.config import (
     PUBLISHED_IDRID_S,
     RANDOM_WEIGHTS,
+    SYMMETRIC_INPUTS,
     Config,
     DataConfig,
     ModelConfig,
@@ -386,6 +387,7 @@ MINI_CHANGES = {
         "width", "resnet18_v2", "Table 2's DeepLab encoder: ResNet-18 V2 for ResNet-50 V2"
     ),
     "model.encoder_weights": RANDOM_WEIGHTS,
+    "data.normalization": SYMMETRIC_INPUTS,
     "data.synthetic_scale": PUBLISHED_IDRID_S,
     "method.seg_epochs": PresetChange("steps", "40", "IDRiD-S trainings: 40 epochs of 7 steps"),
     "train.epochs": PresetChange("steps", "12", "EyePACS stage: 12 epochs"),

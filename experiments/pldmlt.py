@@ -106,6 +106,7 @@ from drkeras.claims import Claim
 from drkeras.config import (
     PUBLISHED_IDRID_S,
     RANDOM_WEIGHTS,
+    SYMMETRIC_INPUTS,
     Config,
     DataConfig,
     ModelConfig,
@@ -308,6 +309,7 @@ MINI_CHANGES = {
         "width", "resnet18", "FPN encoder: ResNet-18 for ResNet-50"
     ),
     "model.encoder_weights": RANDOM_WEIGHTS,
+    "data.normalization": SYMMETRIC_INPUTS,
     "data.synthetic_scale": PUBLISHED_IDRID_S,
     "train.epochs": PresetChange("steps", "6", "pixel-level rows: 6 epochs of 27 steps"),
     "method.grader_epochs": PresetChange(
