@@ -21,8 +21,8 @@ differences agree closely. The verdicts are reported as they come; nothing is tu
 
 Command::
 
-    python -m drkeras.claims --experiment mtunet runs/evidence/mtunet/seed0 \\
-        runs/evidence/mtunet/seed1 runs/evidence/mtunet/seed2 --out claims_mtunet.md
+    python -m drkeras.claims --experiment mtunet runs/evidence/mtunet_seed0 \\
+        runs/evidence/mtunet_seed1 runs/evidence/mtunet_seed2 --out claims_mtunet.md
 """
 
 from __future__ import annotations

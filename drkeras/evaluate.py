@@ -288,9 +288,9 @@ def evaluate(
         pred = exported.predict(images)
         for i, ex in enumerate(batch):
             datasets.add(ex[keys.DATASET].decode("utf-8", "replace"))
+            grades.append(int(ex[keys.GRADE]))  # for the grading and the image-score metrics
             if keys.GRADE_PROBS in outputs:
                 grade_probs.append(pred[keys.GRADE_PROBS][i])
-                grades.append(int(ex[keys.GRADE]))
             if keys.IMAGE_SCORE in outputs:
                 image_scores.append(float(np.ravel(pred[keys.IMAGE_SCORE][i])[0]))
             elif keys.PATCH_LOGITS in outputs:

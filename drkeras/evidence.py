@@ -3,7 +3,7 @@
 One command runs, into ``--out`` (default ``runs/evidence``):
 
 1. **Runs**: every experiment's ``mini`` preset (``experiments/<paper>.py --preset mini``) for
-   seeds ``0 .. seeds-1``, each into ``<out>/<paper>/seed<s>/`` with its console output in
+   seeds ``0 .. seeds-1``, each into ``<out>/<paper>_seed<s>/`` with its console output in
    ``run.log``: all papers at seed 0 first, then the further seeds, so one seed of every row
    exists as early as possible.
 2. **Claims**: each paper's directional claims (``CLAIMS``, :mod:`drkeras.claims`) over the
@@ -61,7 +61,7 @@ class EvidenceError(RuntimeError):
 
 
 def run_dir(out: pathlib.Path, paper: str, seed: int) -> pathlib.Path:
-    return out / paper / f"seed{seed}"
+    return out / f"{paper}_seed{seed}"  # the folder name is the leaderboard's run name
 
 
 def _tail(path: pathlib.Path, lines: int = 25) -> str:
@@ -162,7 +162,7 @@ def overlay_sheet(model_dirs: Mapping[str, pathlib.Path], path) -> Optional[path
             found.append((name, files[0]))
     if not found:
         return None
-    fig = plots.new_figure((6.0, 3.2 * len(found)))
+    fig = plots.new_figure((10.0, 5.5 * len(found)))
     for i, (name, file) in enumerate(found):
         ax = fig.add_subplot(len(found), 1, i + 1)
         ax.imshow(mpimg.imread(file))
@@ -264,7 +264,7 @@ def _summary(preset, seeds, papers, times, board) -> str:
     lines = [
         f"# Evidence: the {preset} presets of {', '.join(papers)}, {seeds} seed(s)",
         "",
-        "- runs: `<paper>/seed<s>/` (results.md beside the papers' numbers, history.csv, "
+        "- runs: `<paper>_seed<s>/` (results.md beside the papers' numbers, history.csv, "
         "export/)",
         "- claims: [claims.md](claims.md)",
         f"- leaderboard: [leaderboard/leaderboard.md](leaderboard/leaderboard.md) "

@@ -65,6 +65,7 @@ __all__ = [
     "ExportMismatch",
     "ExportedModel",
     "META_FORMAT",
+    "PATCH_EXPORT_FILE",
     "QUALITY_OUTPUTS",
     "default_channels",
     "export_model",
@@ -82,6 +83,10 @@ log = logging.getLogger("drkeras")
 
 META_FORMAT = "drkeras-export/1"
 CHECK_FILE = pathlib.Path("assets.extra") / "export_check.json"
+# A SavedModel that serves prepared patches, not photographs (the SSL-GAN's patch classifier):
+# its metadata, readable without loading it. Tools for photographs (evaluate, leaderboard) refuse
+# or leave out such exports.
+PATCH_EXPORT_FILE = pathlib.Path("assets.extra") / "patch_export.json"
 TOLERANCE = 1e-4
 # Input-quality outputs every signature returns besides the model's (drkeras.data.quality).
 FOV_FRACTION = "fov_fraction"
@@ -681,6 +686,12 @@ class ExportedModel:
 
     @property
     def image_size(self) -> int:
+        if "image_size" not in self.meta:
+            raise ValueError(
+                f"{self.path} serves {self.meta.get('input', 'no photographs')!r} "
+                f"(format {self.meta.get('format')!r}), not photographs: it has no image size; "
+                "use the run's image export"
+            )
         return int(self.meta["image_size"])
 
     def predict(self, images) -> Dict[str, np.ndarray]:

@@ -71,6 +71,7 @@ from tqdm import tqdm
 from drkeras import evaluate as evaluation
 from drkeras import keys, plots
 from drkeras.data import records
+from drkeras.export import PATCH_EXPORT_FILE
 from drkeras.predict import StagedOutput
 
 __all__ = [
@@ -161,9 +162,15 @@ def _is_export(path: pathlib.Path) -> bool:
 
 
 def _exports_in(folder: pathlib.Path) -> List[pathlib.Path]:
+    """The photograph exports of a run's ``export`` folder; patch exports (the SSL-GAN's patch
+    classifier, which its image export scores whole photographs with) are left out, logged."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _is_export(p))
+    found = sorted(p for p in folder.iterdir() if p.is_dir() and _is_export(p))
+    for path in found:
+        if (path / PATCH_EXPORT_FILE).is_file():
+            log.info("leaderboard: %s serves patches, not photographs: left out", path)
+    return [p for p in found if not (p / PATCH_EXPORT_FILE).is_file()]
 
 
 def find_exports(paths: Sequence) -> List[Export]:

@@ -120,7 +120,7 @@ from drkeras.config import (
 from drkeras.data import patches as patch_ops
 from drkeras.data import pipeline
 from drkeras.experiment import Experiment, RunContext, main, run_config_summary
-from drkeras.export import export_model
+from drkeras.export import PATCH_EXPORT_FILE, export_model
 from drkeras.models import ssl_gan as nets
 from drkeras.plots import plot_history, plot_patch_scores
 from drkeras.results import ResultsTable
@@ -509,6 +509,8 @@ def export_patch_classifier(model: keras.Model, out_dir, *, normalization: str, 
     report = {"ok": diff < 1e-4, "max_abs_diff": diff, "sample_shape": list(sample.shape)}
     (out / "assets.extra").mkdir(exist_ok=True)
     (out / "assets.extra" / "export_check.json").write_text(json.dumps(report, indent=2))
+    # readable without loading the model: drkeras.leaderboard leaves patch exports out
+    (out / PATCH_EXPORT_FILE).write_text(json.dumps(meta, indent=2))
     if not report["ok"]:
         raise RuntimeError(f"reloaded patch classifier {out} differs by {diff:.3g}")
     return report

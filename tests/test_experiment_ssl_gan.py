@@ -1,6 +1,7 @@
 """The patch SSL-GAN experiment (Lecouat et al. 2018): cohort, presets and one tiny full run."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import tensorflow as tf
 from drkeras import keys
 from drkeras.config import resolve_preset
 from drkeras.data import pipeline
-from drkeras.export import load_exported
+from drkeras.export import PATCH_EXPORT_FILE, load_exported
 from drkeras.models.ssl_gan import PATCH_PROBS
 from experiments.ssl_gan import (
     PAPER_TABLE1,
@@ -132,6 +133,8 @@ def test_tiny_run_fills_every_table_exports_and_draws(tmp_path):
     patches = tf.saved_model.load(str(out / "export" / "ssl_gan_patches"))
     served = patches.signatures["serving_default"](patches=tf.zeros([3, 32, 32, 3]))
     assert served[keys.PATCH_LOGITS].shape == (3,)
+    marker = json.loads((out / "export" / "ssl_gan_patches" / PATCH_EXPORT_FILE).read_text())
+    assert marker["format"] == "drkeras-patch-export/1" and marker["patch_size"] == 32
     assert len(list(out.glob("fig2_patch_scores_*.png"))) == 2
     assert (out / "training_curves.png").stat().st_size > 10_000
     with open(out / "history.csv") as handle:

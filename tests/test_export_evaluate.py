@@ -250,3 +250,34 @@ def test_evaluate_cli_bad_paths(exported, tmp_path, capsys):
     code = main(["--model", str(path), "--data", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_image_score_model_gets_its_abnormal_auc(tmp_path):
+    # A model serving only an image score (the SSL-GAN's image export) has no grading output,
+    # yet its abnormal-vs-normal AUC needs the grades: it was silently missing.
+    image = tf.keras.Input((SIZE, SIZE, 3), name=keys.IMAGE)
+    score = tf.keras.layers.Lambda(lambda x: tf.reduce_mean(x, axis=[1, 2, 3]))(image)
+    model = tf.keras.Model(image, {keys.IMAGE_SCORE: score})
+    path = export_model(
+        model,
+        tmp_path / "scorer",
+        image_size=SIZE,
+        preprocess=PREPROCESS,
+        output_names=[keys.IMAGE_SCORE],
+    )
+    root = write_synthetic_test_records(tmp_path / "records")
+    out = tmp_path / "eval"
+    assert (
+        main(["--model", str(path), "--data", str(root), "--out", str(out), "--no-progress"]) == 0
+    )
+    frame = pd.read_csv(out / "metrics.csv")
+    got = frame[(frame.task == "image_score") & (frame.metric == "abnormal_auc")].value
+    loaded = load_exported(path)
+    scores, truth = [], []
+    for ex in records.records_dataset(root, "test").as_numpy_iterator():
+        if ex[keys.GRADE] >= 0:  # the unknown grade is left out
+            scores.append(
+                float(np.ravel(loaded.predict(ex[keys.IMAGE][None])[keys.IMAGE_SCORE])[0])
+            )
+            truth.append(ex[keys.GRADE] > 0)
+    assert len(got) == 1 and got.iloc[0] == pytest.approx(skm.roc_auc_score(truth, scores))

@@ -14,7 +14,7 @@ from PIL import Image
 
 from drkeras import evaluate, keys
 from drkeras import leaderboard as L
-from drkeras.export import export_model
+from drkeras.export import PATCH_EXPORT_FILE, export_model
 from tests.conftest import (
     REPO,
     TINY_MODEL_SIZE,
@@ -260,6 +260,11 @@ def test_find_exports(tmp_path):
     fake_export(tmp_path / "other" / "run_a" / "export" / "m1")
     with pytest.raises(ValueError, match="both be reported as 'run_a__m1'"):
         L.find_exports([tmp_path / "run_a", tmp_path / "other" / "run_a"])
+    # a run's patch classifier (SSL-GAN) serves patches, not photographs: left out of a run
+    patches = fake_export(tmp_path / "run_a" / "export" / "m0_patches")
+    (patches / "assets.extra").mkdir()
+    (patches / PATCH_EXPORT_FILE).write_text("{}")
+    assert [e.key for e in L.find_exports([tmp_path / "run_a"])] == ["run_a__m1", "run_a__m2"]
 
 
 def test_bad_arguments_exit_2_before_any_evaluation(board, tmp_path, capsys, monkeypatch):
