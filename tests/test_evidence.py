@@ -80,7 +80,7 @@ def test_evidence_chain_on_the_smoke_preset_resumes(tmp_path):
     result = evidence.evidence(out, papers=["ssl_gan"], seeds=2, preset="smoke")
     times = result["times"]
     assert set(times) == {"ssl_gan seed 0", "ssl_gan seed 1", "claims", "leaderboard", "figures"}
-    assert all(t["note"] != "finished earlier" for t in times.values())
+    assert all(t["note"] != evidence.FINISHED_EARLIER for t in times.values())
     claims = (out / "claims.md").read_text()
     assert "ssl_gan" in claims.lower() or "Lecouat" in claims
     assert "seeds" in claims and "| 2 |" in claims  # both seeds paired
@@ -88,5 +88,5 @@ def test_evidence_chain_on_the_smoke_preset_resumes(tmp_path):
     assert (out / "learning_curves.png").is_file()
     # again: the runs are taken as they are, the rest is rebuilt
     again = evidence.evidence(out, papers=["ssl_gan"], seeds=2, preset="smoke")["times"]
-    assert again["ssl_gan seed 1"]["note"] == "finished earlier"
+    assert again["ssl_gan seed 1"]["note"] == evidence.FINISHED_EARLIER
     assert again["ssl_gan seed 1"]["seconds"] == times["ssl_gan seed 1"]["seconds"]
