@@ -179,11 +179,19 @@ def test_meta_gradient_moves_the_label_at_the_papers_learning_rates():
     photos = [
         synthetic.generate(i, size=size, grade=g, camera="square") for i, g in enumerate([1, 3])
     ]
-    images = normalize(np.stack([p.image for p in photos]).astype(np.float32), "imagenet_caffe")
+    raw = np.stack([p.image for p in photos]).astype(np.float32)
+    images = normalize(raw, "imagenet_caffe")
     data = make_training_pair(images, np.stack([p.masks for p in photos]), [0, 1])
     net = build_vgg16_unet(
         input_shape=(size, size, 3), num_seg_classes=5, width=1 / 16, grade_pooling="avg"
     )
+    # ImageNet weights are calibrated to caffe inputs (0-255 less the mean pixel); the random
+    # He-normal stand-in is not: its first layer is scaled down by the spread of caffe inputs
+    # over that of [-1, 1] inputs, so its activations have the spread a calibrated network's
+    # have (unscaled, the grading head saturated and the meta-gradient was exactly 0).
+    spread = float(tf.math.reduce_std(images) / tf.math.reduce_std(normalize(raw, "symmetric")))
+    first = net.get_layer("block1_conv1")
+    first.kernel.assign(first.kernel / spread)
     label_net = build_label_update_net(input_shape=(size, size, 3), widths=(16, 32, 64), hidden=64)
     trainer = BilevelMultiTaskTrainer(net, label_net)
     trainer.compile(
