@@ -166,11 +166,13 @@ def _exports_in(folder: pathlib.Path) -> List[pathlib.Path]:
     classifier, which its image export scores whole photographs with) are left out, logged."""
     if not folder.is_dir():
         return []
-    found = sorted(p for p in folder.iterdir() if p.is_dir() and _is_export(p))
-    for path in found:
+    found = []
+    for path in sorted(p for p in folder.iterdir() if p.is_dir() and _is_export(p)):
         if (path / PATCH_EXPORT_FILE).is_file():
             log.info("leaderboard: %s serves patches, not photographs: left out", path)
-    return [p for p in found if not (p / PATCH_EXPORT_FILE).is_file()]
+        else:
+            found.append(path)
+    return found
 
 
 def find_exports(paths: Sequence) -> List[Export]:
